@@ -1,0 +1,158 @@
+"""Playwright steps a person takes in JupyterLab: open a notebook, Run All, wait for the kernel,
+look at the widgets, move a slider with the keyboard, read the read-out and the figure.
+
+Public names: ``open_notebook``, ``run_all_and_wait``, ``assert_cells_ok``,
+``assert_widgets_rendered``, ``page_warnings``, ``slider``, ``slider_value``, ``press_slider``,
+``readout_text``, ``figure_src``, ``wait_changed``, ``widget_values``.
+"""
+from __future__ import annotations
+
+import re
+import time
+
+from playwright.sync_api import Locator, Page, expect
+
+KERNEL_IDLE = "Python 3 (ipykernel) | Idle"
+BAD_WIDGET_TEXT = ("Loading widget...", "Error displaying widget")
+_DONE_PROMPT = re.compile(r"^\[\d+\]:$")
+
+
+def open_notebook(page: Page, url: str, timeout_s: float = 90) -> None:
+    """Open a notebook and wait until its kernel exists and is idle (the status bar says so).
+
+    The toolbar's indicator reads idle before the kernel has started, and a Run All clicked
+    then is silently dropped; the status bar's kernel name + "Idle" appears only once it runs.
+    """
+    page.goto(url)
+    expect(page.locator(".jp-Notebook").first).to_be_visible(timeout=timeout_s * 1000)
+    expect(page.get_by_text(KERNEL_IDLE, exact=True)).to_be_visible(timeout=timeout_s * 1000)
+
+
+def _prompts(page: Page) -> list[str]:
+    """The input prompt of every code cell with source, as JupyterLab shows it: `[3]:`, `[*]:`..."""
+    return page.evaluate("""() => [...document.querySelectorAll('.jp-Notebook .jp-CodeCell')]
+        .filter(c => (c.querySelector('.cm-content')?.innerText || '').trim().length > 0)
+        .map(c => (c.querySelector('.jp-InputPrompt')?.innerText || '').trim())""")
+
+
+def run_all_and_wait(page: Page, timeout_s: float = 240) -> None:
+    """Run > Run All Cells from the menu bar; wait until every code prompt is numbered and the
+    kernel has been idle for a second."""
+    page.locator(".jp-Notebook").first.click(position={"x": 5, "y": 5})
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
+    deadline, idle_since = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        prompts = _prompts(page)
+        done = prompts and all(_DONE_PROMPT.match(p) for p in prompts)
+        idle = page.get_by_text(KERNEL_IDLE, exact=True).is_visible()
+        if done and idle:
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > 1.0:
+                return
+        else:
+            idle_since = None
+        page.wait_for_timeout(250)
+    raise AssertionError(f"cells still not run after {timeout_s} s; prompts: {_prompts(page)}")
+
+
+def assert_cells_ok(page: Page) -> None:
+    """No code cell left unrun (`[ ]:`, `[*]:`) and no traceback in any output."""
+    prompts = _prompts(page)
+    assert prompts and all(_DONE_PROMPT.match(p) for p in prompts), f"unrun cells: {prompts}"
+    errors = page.evaluate("""() => [...document.querySelectorAll('.jp-OutputArea-output')]
+        .map(o => o.innerText).filter(t => /Traceback \\(most recent call last\\)|^\\w*Error: /m.test(t))""")
+    assert not errors, f"error output in the notebook:\n{errors[0][:2000]}"
+
+
+def page_warnings(page: Page) -> list[str]:
+    """Warnings a learner would see: untrusted notebook, widget not rendered, no renderer."""
+    found = []
+    body = page.locator("body").inner_text()
+    for text in (*BAD_WIDGET_TEXT, "No renderer could be found", "not trusted"):
+        if text.lower() in body.lower():
+            found.append(text)
+    untrusted = page.locator('[title*="not trusted" i]')
+    if untrusted.count():
+        found.append(f"status bar: {untrusted.first.get_attribute('title')}")
+    return found
+
+
+def assert_widgets_rendered(page: Page, min_count: int = 1) -> Locator:
+    """At least ``min_count`` live widget views, and no "Loading widget..." / "Error displaying
+    widget" text anywhere. Returns the widget locator."""
+    widgets = page.locator(".jp-OutputArea-output .jupyter-widgets")
+    expect(widgets.first).to_be_visible(timeout=30_000)
+    assert widgets.count() >= min_count, f"{widgets.count()} widgets, expected >= {min_count}"
+    body = page.locator("body").inner_text()
+    for text in BAD_WIDGET_TEXT:
+        assert text not in body, f"page shows {text!r}"
+    return widgets
+
+
+def slider(page: Page, css_class: str) -> Locator:
+    """The slider widget carrying ``css_class`` (set in the notebook with ``add_class``)."""
+    found = page.locator(f".{css_class}")
+    expect(found.first).to_be_visible(timeout=30_000)
+    assert found.count() == 1, f"{found.count()} elements carry .{css_class}, expected 1"
+    return found.first
+
+
+def slider_value(widget: Locator) -> float:
+    """The value the slider's read-out shows (IntSlider and FloatSlider alike)."""
+    return float(widget.locator(".widget-readout").inner_text().strip())
+
+
+def press_slider(widget: Locator, key: str = "ArrowRight", times: int = 1) -> None:
+    """Focus the slider's handle and press a key, as a keyboard user moves it one step."""
+    handle = widget.locator(".noUi-handle").first
+    handle.focus()
+    for _ in range(times):
+        handle.press(key)
+
+
+def readout_text(page: Page, css_class: str) -> str:
+    found = page.locator(f".{css_class}")
+    expect(found.first).to_be_visible(timeout=30_000)
+    return found.first.inner_text().strip()
+
+
+def figure_src(page: Page, near: Locator) -> str:
+    """The ``src`` of the first matplotlib PNG in the output area that holds ``near``."""
+    area = near.locator("xpath=ancestor::div[contains(@class,'jp-OutputArea')][1]")
+    img = area.locator("img").first
+    expect(img).to_be_visible(timeout=30_000)
+    return img.get_attribute("src")
+
+
+def wait_changed(read, before, timeout_s: float = 30, page: Page | None = None):
+    """Poll ``read()`` until it differs from ``before``; return the new value (or fail)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = read()
+        if now != before:
+            return now
+        time.sleep(0.2)
+    raise AssertionError(f"value did not change within {timeout_s} s: {str(before)[:200]}")
+
+
+def widget_values(page: Page, prefix: str) -> dict[str, str]:
+    """The shown value of every widget whose class starts with ``prefix`` (e.g. ``course-roi-``),
+    keyed by the class: slider read-outs, checkbox state, dropdown selection, text."""
+    return page.evaluate("""(prefix) => {
+        const out = {};
+        for (const el of document.querySelectorAll(`[class*="${prefix}"]`)) {
+            const cls = [...el.classList].find(c => c.startsWith(prefix));
+            if (!cls) continue;
+            const readout = el.querySelector('.widget-readout');
+            const box = el.querySelector('input[type=checkbox]');
+            const select = el.querySelector('select');
+            const input = el.querySelector('input[type=text], input[type=number], textarea');
+            if (readout) out[cls] = readout.innerText.trim();
+            else if (box) out[cls] = box.checked ? 'true' : 'false';
+            else if (select) out[cls] = select.options[select.selectedIndex]?.text ?? '';
+            else if (input) out[cls] = input.value;
+            else out[cls] = el.innerText.trim();
+        }
+        return out;
+    }""", prefix)
