@@ -91,15 +91,27 @@ class LabServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 90.0) -> "LabServer":
+    def _env(self) -> dict[str, str]:
+        """The server's environment: private Jupyter folders under ``state_dir`` + ``extra_env``."""
         dirs = {name: self.state_dir / name.lower() for name in (
             "JUPYTER_CONFIG_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_DATA_DIR",
             "JUPYTERLAB_SETTINGS_DIR", "JUPYTERLAB_WORKSPACES_DIR")}
         for path in dirs.values():
             path.mkdir(parents=True, exist_ok=True)
-        _write_user_settings(dirs["JUPYTERLAB_SETTINGS_DIR"])
         env = dict(os.environ, **{k: str(v) for k, v in dirs.items()}, **self.extra_env)
         env.pop("JUPYTER_TOKEN", None)
+        return env
+
+    def trust(self, notebooks: list[Path]) -> None:
+        """Sign notebooks in this server's own notary database (``jupyter trust``), as a
+        learner's ``make lab`` does for the course's notebooks."""
+        if notebooks:
+            subprocess.run([sys.executable, "-m", "jupyter", "trust", *map(str, notebooks)],
+                           env=self._env(), check=True, capture_output=True)
+
+    def start(self, timeout: float = 90.0) -> "LabServer":
+        env = self._env()
+        _write_user_settings(Path(env["JUPYTERLAB_SETTINGS_DIR"]))
         cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser",
                "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}",
                "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",

@@ -15,6 +15,7 @@ from playwright.sync_api import Locator, Page, expect
 KERNEL_IDLE = "Python 3 (ipykernel) | Idle"
 BAD_WIDGET_TEXT = ("Loading widget...", "Error displaying widget")
 _DONE_PROMPT = re.compile(r"^\[\d+\]:$")
+_WIDGET_REPR = r"/^(VBox|HBox|Box|GridBox|Tab|Accordion|interactive|Output|HTML|Label|IntSlider|FloatSlider|Dropdown|Checkbox|Button|Image)\(/"
 
 
 def open_notebook(page: Page, url: str, timeout_s: float = 90) -> None:
@@ -75,6 +76,12 @@ def page_warnings(page: Page) -> list[str]:
     untrusted = page.locator('[title*="not trusted" i]')
     if untrusted.count():
         found.append(f"status bar: {untrusted.first.get_attribute('title')}")
+    # A saved widget view with no renderer (extension missing, or notebook untrusted) falls back
+    # to its text/plain repr.
+    reprs = page.evaluate("""() => [...document.querySelectorAll('.jp-OutputArea-output')]
+        .map(o => o.innerText.trim()).filter(t => _WIDGET_REPR.test(t))""".replace(
+        "_WIDGET_REPR", _WIDGET_REPR))
+    found += [f"widget shown as text: {text[:80]}" for text in reprs]
     return found
 
 

@@ -5,6 +5,7 @@ Public names: ``WidgetSpec``, ``check_widget_notebook``.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,39 +31,49 @@ class WidgetSpec:
     presses: int = 1
 
 
-def _check_readout(spec: WidgetSpec, values: dict[str, str], text: str) -> None:
+def _readout_problem(spec: WidgetSpec, values: dict[str, str], text: str) -> str | None:
+    """None when the read-out shows what the library computes for ``values``, else why not."""
     expected = spec.expected(values)
     if isinstance(expected, str):
-        assert text == expected, f"read-out {text!r} != library {expected!r} for {values}"
-    else:
-        missing = [part for part in expected if part not in text]
-        assert not missing, f"read-out {text!r} lacks library values {missing} for {values}"
+        return None if text == expected else f"read-out {text!r} != library {expected!r}"
+    missing = [part for part in expected if part not in text]
+    return None if not missing else f"read-out {text!r} lacks library values {missing}"
+
+
+def _wait_readout_matches(page, spec: WidgetSpec, timeout_s: float = 30) -> tuple[dict, str]:
+    """Poll until the read-out equals the library's value for the widgets' shown values (the
+    kernel answers a slider move asynchronously)."""
+    deadline, problem = time.monotonic() + timeout_s, "never read"
+    while time.monotonic() < deadline:
+        values = pages.widget_values(page, spec.prefix)
+        text = pages.readout_text(page, spec.readout)
+        problem = _readout_problem(spec, values, text)
+        if problem is None:
+            return values, text
+        page.wait_for_timeout(250)
+    raise AssertionError(f"{problem} (widget values {values})")
 
 
 def check_widget_notebook(page, server, spec: WidgetSpec, artifacts: Path) -> dict:
     """Open, Run All, check the widgets rendered, move the slider, check read-out and figure.
-    Returns the values before and after (for the test's own extra assertions)."""
+    Returns the values and read-outs before and after (for the test's own assertions)."""
     pages.open_notebook(page, server.url(spec.notebook))
     pages.run_all_and_wait(page)
     pages.assert_cells_ok(page)
     pages.assert_widgets_rendered(page)
     slider = pages.slider(page, spec.slider)
     slider.scroll_into_view_if_needed()
-    before = pages.widget_values(page, spec.prefix)
-    text_before = pages.readout_text(page, spec.readout)
-    _check_readout(spec, before, text_before)
+    before, text_before = _wait_readout_matches(page, spec)
     src_before = pages.figure_src(page, slider)
-    area = slider.locator("xpath=ancestor::div[contains(@class,'jp-Cell')][1]")
-    area.screenshot(path=str(artifacts / f"{spec.name}-before.png"))
+    cell = slider.locator("xpath=ancestor::div[contains(@class,'jp-Cell ')][1]")
+    cell.screenshot(path=str(artifacts / f"{spec.name}-before.png"))
 
     pages.press_slider(slider, spec.key, spec.presses)
-    text_after = pages.wait_changed(lambda: pages.readout_text(page, spec.readout), text_before)
-    after = pages.widget_values(page, spec.prefix)
-    assert after[spec.slider] != before[spec.slider], f"slider did not move: {before} -> {after}"
+    pages.wait_changed(lambda: pages.widget_values(page, spec.prefix)[spec.slider],
+                       before[spec.slider])
     pages.wait_changed(lambda: pages.figure_src(page, slider), src_before)
-    text_after = pages.readout_text(page, spec.readout)  # settled
-    after = pages.widget_values(page, spec.prefix)
-    _check_readout(spec, after, text_after)
+    after, text_after = _wait_readout_matches(page, spec)
+    assert after[spec.slider] != before[spec.slider]
     page.wait_for_timeout(300)  # let the new PNG paint before the screenshot
-    area.screenshot(path=str(artifacts / f"{spec.name}-after.png"))
+    cell.screenshot(path=str(artifacts / f"{spec.name}-after.png"))
     return {"before": before, "after": after, "text_before": text_before, "text_after": text_after}
