@@ -1,0 +1,157 @@
+"""The whole detector: Faster R-CNN, and Mask R-CNN = Faster R-CNN + a mask branch.
+
+Mask R-CNN (He et al. 2017, §3): a backbone (+ FPN), a region proposal network, and RoI heads
+whose box branch (Fast R-CNN) and mask branch run in parallel on RoIAligned features. The call
+contract is torchvision's: ``model(images, targets)`` in train mode returns a dict of named
+losses; ``model(images)`` in eval mode returns one dict per image with ``boxes``, ``labels``,
+``scores`` and (Mask R-CNN) ``masks`` ``Tensor[D, 1, H, W]`` probabilities pasted into the image.
+
+Unlike torchvision, images are not resized (the shapes images are already small): they are
+normalised and zero-padded to a common size divisible by ``config.size_divisible``.
+
+Public names: ``ModelConfig`` (re-exported), ``MaskRCNN``, ``FasterRCNN``, ``validate_inputs``,
+``batch_images``, presets ``cpu_config``, ``quick_config``.
+
+Dimensions: N images, C channels, H x W image size, D detections.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from course_lib import backbone, fpn, mask_head, roi_heads, rpn
+from course_lib.config import ModelConfig
+
+__all__ = ["ModelConfig", "MaskRCNN", "FasterRCNN", "validate_inputs", "batch_images",
+           "cpu_config", "quick_config"]
+
+
+def cpu_config(**changes) -> ModelConfig:
+    """The preset the CPU chapters train: light heads, few proposals, 128 px shapes images.
+
+    ``changes`` override fields, e.g. ``cpu_config(with_mask=False)`` for Faster R-CNN.
+    """
+    return dataclasses.replace(ModelConfig(), **changes)
+
+
+def quick_config(**changes) -> ModelConfig:
+    """A smaller model for quick (CI) runs: narrower backbone, fewer proposals and RoIs."""
+    small = dict(width=32, rpn_pre_nms_top_n_train=500, rpn_post_nms_top_n_train=150,
+                 box_batch_size_per_image=32, representation_size=128)
+    return dataclasses.replace(ModelConfig(), **{**small, **changes})
+
+
+def validate_inputs(images: list[Tensor], targets: list[dict] | None) -> None:
+    """Raise ``ValueError`` naming the image index and the offending value for bad inputs.
+
+    Images: a list of float ``Tensor[3, H, W]``. Targets (training): per image ``boxes``
+    ``Tensor[G, 4]`` with x2 > x1 and y2 > y1, ``labels`` ``Tensor[G]``, ``masks`` ``Tensor[G, H, W]``
+    when the model has a mask branch (checked by the caller's config).
+    """
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise ValueError(f"images must be a non-empty list of Tensor[3, H, W], got {type(images).__name__}")
+    for i, image in enumerate(images):
+        if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            desc = f"{tuple(image.shape)} {image.dtype}" if torch.is_tensor(image) else type(image).__name__
+            raise ValueError(f"images[{i}] must be a float Tensor[3, H, W], got {desc}")
+    if targets is None:
+        return
+    if len(targets) != len(images):
+        raise ValueError(f"targets has {len(targets)} entries for {len(images)} images")
+    for i, target in enumerate(targets):
+        for key in ("boxes", "labels"):
+            if key not in target:
+                raise ValueError(f"targets[{i}] is missing key {key!r} (has {sorted(target)})")
+        gt_boxes = target["boxes"]
+        if gt_boxes.dim() != 2 or gt_boxes.shape[-1] != 4:
+            raise ValueError(f"targets[{i}]['boxes'] must be Tensor[G, 4], got {tuple(gt_boxes.shape)}")
+        bad = torch.where((gt_boxes[:, 2] <= gt_boxes[:, 0]) | (gt_boxes[:, 3] <= gt_boxes[:, 1]))[0]
+        if len(bad):
+            raise ValueError(f"targets[{i}]['boxes'][{bad[0].item()}] = {gt_boxes[bad[0]].tolist()} "
+                             "is degenerate (needs x2 > x1 and y2 > y1)")
+        if len(target["labels"]) != len(gt_boxes):
+            raise ValueError(f"targets[{i}]: {len(gt_boxes)} boxes but {len(target['labels'])} labels")
+
+
+def batch_images(images: list[Tensor], mean: Tensor, std: Tensor, size_divisible: int) -> Tensor:
+    """Normalise each image and zero-pad all to one ``Tensor[N, 3, H_pad, W_pad]``.
+
+    ``H_pad``, ``W_pad``: the largest height and width rounded up to ``size_divisible``, so each
+    backbone stride divides the padded size and feature cells align with image pixels. Padding is
+    added right and bottom, so box coordinates are unchanged.
+    """
+    max_h = max(img.shape[-2] for img in images)
+    max_w = max(img.shape[-1] for img in images)
+    pad_h = -(-max_h // size_divisible) * size_divisible
+    pad_w = -(-max_w // size_divisible) * size_divisible
+    batch = images[0].new_zeros((len(images), 3, pad_h, pad_w))                    # [N, 3, H, W]
+    for img, slot in zip(images, batch):
+        slot[:, :img.shape[-2], :img.shape[-1]].copy_((img - mean) / std)
+    return batch
+
+
+class MaskRCNN(nn.Module):
+    """Backbone (+ FPN) -> RPN -> RoI heads (box branch + mask branch when ``config.with_mask``)."""
+
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        config = config or ModelConfig()
+        self.config = config
+        if config.backbone == "resnet50":
+            self.backbone = backbone.ResNet50Backbone(config)
+        else:
+            self.backbone = backbone.TinyResNet(config)
+        if config.fpn:
+            self.fpn = fpn.FPN(self.backbone.out_channels[-4:], config.fpn_channels, extra_p6=True)
+            channels = config.fpn_channels
+        else:
+            self.fpn = None
+            channels = self.backbone.out_channels[-1]
+        self.rpn = rpn.RegionProposalNetwork(config, channels)
+        self.roi_heads = roi_heads.RoIHeads(config, channels)
+        self.register_buffer("image_mean", torch.tensor(config.image_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(config.image_std).view(3, 1, 1), persistent=False)
+
+    def features(self, batch: Tensor) -> list[Tensor]:
+        """Backbone features the heads use: ``[C_last]`` at ``config.stride``, or P2..P6 with FPN."""
+        stages = self.backbone(batch)                                               # finest first
+        if self.fpn is not None:
+            return self.fpn(stages[-4:])
+        return stages[-1:]
+
+    def forward(self, images: list[Tensor], targets: list[dict] | None = None):
+        if self.training and targets is None:
+            raise ValueError("targets is None: a model in train mode needs targets (call model.eval() to predict)")
+        validate_inputs(images, targets if self.training else None)
+        if self.training and self.config.with_mask:
+            _check_masks(images, targets)
+        image_sizes = [tuple(img.shape[-2:]) for img in images]
+        batch = batch_images(images, self.image_mean, self.image_std, self.config.size_divisible)
+        features = self.features(batch)
+        proposals, rpn_losses = self.rpn(features, image_sizes, tuple(batch.shape[-2:]), targets)
+        detections, head_losses = self.roi_heads(features, proposals, image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **head_losses}
+        if self.config.with_mask:
+            for det, size in zip(detections, image_sizes):
+                det["masks"] = mask_head.paste_masks_in_image(det["masks"], det["boxes"], size)
+        return detections
+
+
+def _check_masks(images: list[Tensor], targets: list[dict]) -> None:
+    """Training Mask R-CNN needs ``masks`` ``Tensor[G, H, W]`` matching each image and its boxes."""
+    for i, (image, target) in enumerate(zip(images, targets)):
+        masks = target.get("masks")
+        if masks is None:
+            raise ValueError(f"targets[{i}] is missing key 'masks' (needed when config.with_mask)")
+        expected = (len(target["boxes"]), *image.shape[-2:])
+        if tuple(masks.shape) != expected:
+            raise ValueError(f"targets[{i}]['masks'] has shape {tuple(masks.shape)}, expected {expected}")
+
+
+def FasterRCNN(config: ModelConfig | None = None) -> MaskRCNN:  # noqa: N802 (reads as a class)
+    """Faster R-CNN: the same model without the mask branch (``with_mask=False``)."""
+    config = config or ModelConfig()
+    return MaskRCNN(dataclasses.replace(config, with_mask=False))
