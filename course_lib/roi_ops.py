@@ -1,0 +1,298 @@
+"""RoIPool and RoIAlign in plain PyTorch: turning a box of any size into a fixed grid of features.
+
+The idea (Mask R-CNN §3, "RoIAlign"): Fast R-CNN's RoIPool snaps the box to whole feature cells,
+then snaps each output bin to whole cells again, and max-pools. Those two quantizations shift the
+pooled region by up to a cell (32 px at stride 32), harmless for classification, harmful for
+pixel-accurate masks. RoIAlign keeps every coordinate continuous: each bin is sampled at a few
+regular points, each point read by bilinear interpolation, and the samples averaged.
+
+Both ops here match torchvision's C++/CUDA kernels number for number (including the corners:
+boxes outside the map, tiny and inverted boxes, empty bins), and are differentiable through
+autograd. They are vectorised over RoIs, bins and sampling points: every (bin, cell) or
+(bin, sample, corner) pair becomes one entry of an index table, and ``F.embedding_bag`` reduces
+the rows ``features[index]`` per bin (``max`` for RoIPool, weighted ``sum`` for RoIAlign) without
+materialising the gathered ``[entries, C]`` tensor.
+
+Dimension letters: N images, C channels, H x W the feature map, K RoIs, PH x PW output bins,
+GH x GW sampling points per bin (RoIAlign), MH x MW the largest bin in cells (RoIPool).
+Boxes are xyxy in image pixels; ``spatial_scale`` (= 1 / stride) maps them to feature cells.
+
+Public names: ``roi_pool``, ``roi_align``, ``pool_rois`` (the one switch to torchvision's fast
+kernels), and the geometry the two ops share with the teaching helpers: ``as_rois``,
+``roi_pool_bins``, ``roi_align_samples``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor
+
+
+def _pair(output_size: int | tuple[int, int], name: str = "output_size") -> tuple[int, int]:
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {output_size!r}")
+    return size
+
+
+def as_rois(boxes: Tensor | list[Tensor]) -> Tensor:
+    """Boxes in either torchvision form as one ``Tensor[K, 5]`` of (image index, x1, y1, x2, y2).
+
+    Args:
+        boxes: ``Tensor[K, 5]`` (first column the image index) or a list with one ``Tensor[L, 4]``
+            of xyxy boxes per image (image ``i``'s boxes get index ``i``).
+    """
+    if isinstance(boxes, (list, tuple)):
+        for i, b in enumerate(boxes):
+            if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+                shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+                raise ValueError(f"boxes[{i}] must be a Tensor[L, 4], got {shape}")
+        if len(boxes) == 0:
+            raise ValueError("boxes is an empty list: pass one Tensor[L, 4] per image")
+        ids = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]
+        return torch.cat([torch.cat(ids), torch.cat(list(boxes))], dim=1)  # [K, 5]
+    if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 5:
+        shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+        raise ValueError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {shape}")
+    return boxes
+
+
+def _check(input: Tensor, boxes, output_size) -> tuple[Tensor, tuple[int, int]]:
+    """Validate the public arguments; return rois ``Tensor[K, 5]`` and (PH, PW)."""
+    if not isinstance(input, Tensor) or input.dim() != 4:
+        shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+        raise ValueError(f"input must be a Tensor[N, C, H, W], got {shape}")
+    if not input.is_floating_point():
+        raise ValueError(f"input must be a floating point tensor, got dtype {input.dtype}")
+    rois = as_rois(boxes)
+    if rois.dtype != input.dtype:
+        raise ValueError(f"boxes dtype {rois.dtype} differs from input dtype {input.dtype}")
+    if rois.device != input.device:
+        raise ValueError(f"boxes are on {rois.device} but input is on {input.device}")
+    if rois.numel() and not bool(torch.isfinite(rois).all()):
+        raise ValueError("boxes contain NaN or infinite coordinates")
+    batch_idx = rois[:, 0]
+    if rois.numel() and bool(((batch_idx < 0) | (batch_idx >= input.shape[0])).any()):
+        raise ValueError(f"boxes' image indices must lie in [0, {input.shape[0] - 1}], "
+                         f"got {batch_idx.min().item()}..{batch_idx.max().item()}")
+    return rois, _pair(output_size)
+
+
+def _flat_features(input: Tensor) -> Tensor:
+    """``[N, C, H, W]`` -> ``[N*H*W + 1, C]``: one row per feature cell, channels contiguous, and
+    a last all-zero row that padded index entries point at."""
+    n, c, h, w = input.shape
+    rows = input.permute(0, 2, 3, 1).reshape(n * h * w, c)  # [N*H*W, C]
+    return torch.cat([rows, rows.new_zeros(1, c)])  # [N*H*W + 1, C]
+
+
+def _round_half_away(x: Tensor) -> Tensor:
+    """C++ ``std::round``: halves go away from zero (``torch.round`` sends them to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def roi_pool_bins(rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
+                  feature_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """RoIPool's bins in whole feature cells, after both quantizations.
+
+    Args:
+        rois: ``Tensor[K, 5]`` (image index, x1, y1, x2, y2) in image pixels.
+        output_size: (PH, PW) bins.  spatial_scale: 1 / stride.
+        feature_size: (H, W) of the feature map; bins are clipped to it.
+
+    Returns:
+        ``(y_start, y_end, x_start, x_end)``, int64 ``[K, PH]`` and ``[K, PW]``: bin ``(i, j)``
+        is max-pooled over rows ``y_start[i] <= y < y_end[i]`` and the same for columns.
+
+    Why: quantization 1 rounds the box to cells (``round(x * scale)``) and, as Fast R-CNN's Caffe
+    code did, treats the end cell as included (``+ 1``); quantization 2 splits that many cells
+    into bins with ``floor`` for the start and ``ceil`` for the end, so bins may overlap.
+    """
+    ph, pw = output_size
+    cells = _round_half_away(rois[:, 1:].double() * spatial_scale).long()  # [K, 4] x1 y1 x2 y2
+
+    def axis(start: Tensor, end: Tensor, bins: int, length: int) -> tuple[Tensor, Tensor]:
+        roi_len = (end - start + 1).clamp(min=1).to(rois.dtype)  # malformed boxes become 1 cell
+        bin_size = roi_len / bins  # [K] cells per bin, in the input's dtype as the kernel
+        p = torch.arange(bins, device=rois.device, dtype=rois.dtype)
+        lo = torch.floor(p * bin_size[:, None]).long() + start[:, None]  # [K, P]
+        hi = torch.ceil((p + 1) * bin_size[:, None]).long() + start[:, None]
+        return lo.clamp(0, length), hi.clamp(0, length)
+
+    y_start, y_end = axis(cells[:, 1], cells[:, 3], ph, feature_size[0])
+    x_start, x_end = axis(cells[:, 0], cells[:, 2], pw, feature_size[1])
+    return y_start, y_end, x_start, x_end
+
+
+def _bin_max(index: Tensor, rows: Tensor, pad: int) -> Tensor:
+    """Max of ``rows[index[b]]`` per bag ``b``, per channel: ``[B, L]``, ``[R, C]`` -> ``[B, C]``.
+
+    ``embedding_bag`` finds the arg-max rows without gathering ``[B, L, C]`` (entries equal to
+    ``pad`` are skipped; an all-``pad`` bag is empty and gives 0); a ``gather`` of those rows then
+    gives autograd RoIPool's gradient, which goes only to each bin's arg-max cell.
+    """
+    b, l = index.shape
+    with torch.no_grad():
+        offsets = torch.arange(0, b * l, l, device=index.device)  # bag b = index[b * l:(b + 1) * l]
+        _, _, bag_size, argmax = torch.embedding_bag(rows, index.reshape(-1), offsets, False, 2,
+                                                     False, None, False, pad)  # mode 2 = max
+        argmax = torch.where(bag_size[:, None] > 0, argmax, pad)  # [B, C], empty bins -> zero row
+    return rows.gather(0, argmax)  # [B, C]
+
+
+def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int],
+             spatial_scale: float = 1.0) -> Tensor:
+    """Fast R-CNN's RoIPool: max over each quantized bin; torchvision.ops.roi_pool's numbers.
+
+    Args:
+        input: ``Tensor[N, C, H, W]`` feature maps.
+        boxes: ``Tensor[K, 5]`` (image index, x1, y1, x2, y2) or a list of ``Tensor[L, 4]`` per
+            image, xyxy in image pixels, same dtype as ``input``.
+        output_size: PH = PW, or (PH, PW).  spatial_scale: 1 / stride (image px -> cells).
+
+    Returns:
+        ``Tensor[K, C, PH, PW]``; an empty bin (box off the map) gives 0. The gradient flows to
+        each bin's arg-max cell only (the first one on ties, in row-major order).
+    """
+    rois, (ph, pw) = _check(input, boxes, output_size)
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    if k == 0:
+        return input.new_zeros(0, c, ph, pw)
+    y0, y1, x0, x1 = roi_pool_bins(rois, (ph, pw), spatial_scale, (h, w))  # [K, PH], [K, PW]
+    mh = max(int((y1 - y0).max()), 1)  # tallest bin in cells; shorter bins are padded
+    mw = max(int((x1 - x0).max()), 1)
+    ys = y0[:, :, None] + torch.arange(mh, device=input.device)  # [K, PH, MH]
+    xs = x0[:, :, None] + torch.arange(mw, device=input.device)  # [K, PW, MW]
+    base = rois[:, 0].long() * (h * w)  # [K] first row of each RoI's image
+    index = (base[:, None, None, None, None] + (ys * w)[:, :, None, :, None]
+             + xs[:, None, :, None, :])  # [K, PH, PW, MH, MW]
+    valid = (ys < y1[:, :, None])[:, :, None, :, None] & (xs < x1[:, :, None])[:, None, :, None, :]
+    pad = n * h * w  # the all-zero row: excluded from the max, and empty bins give 0
+    index = torch.where(valid, index, pad).reshape(k * ph * pw, mh * mw)
+    pooled = _bin_max(index, _flat_features(input), pad)  # [K*PH*PW, C]
+    return pooled.reshape(k, ph, pw, c).permute(0, 3, 1, 2).contiguous()  # [K, C, PH, PW]
+
+
+def roi_align_samples(rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
+                      sampling_ratio: int, aligned: bool) -> dict[str, Tensor]:
+    """RoIAlign's bins and sampling points, in continuous feature coordinates.
+
+    In these coordinates cell ``j``'s centre is at ``j`` (where bilinear interpolation returns
+    exactly that cell's value). Returns a dict of
+    ``start`` and ``bin_size`` ``[K, 2]`` (y, x) in cells, ``grid`` int64 ``[K, 2]`` sampling
+    points per bin side, ``ys`` ``[K, PH, GH]`` and ``xs`` ``[K, PW, GW]`` the sample coordinates
+    (GH, GW = the largest grid; entries past a RoI's own grid are padding, see ``grid``).
+
+    Why ``aligned``: a box edge at pixel x lies at ``x * scale`` in units of cells, but cell
+    ``j`` spans ``[j, j + 1)`` there, its centre at ``j + 0.5``; subtracting 0.5 (Detectron2's
+    ROIAlignV2) lines the box up with the cell centres the interpolation uses. Without it every
+    sample sits half a cell (stride / 2 px) down-right of where it should, and boxes are made at
+    least one cell wide, as the original kernel did.
+    """
+    ph, pw = output_size
+    offset = 0.5 if aligned else 0.0
+    coords = (rois[:, 1:].double() * spatial_scale - offset).to(rois.dtype)  # [K, 4] in cells
+    start = coords[:, [1, 0]]  # [K, 2] (y, x)
+    size = coords[:, [3, 2]] - start  # [K, 2] roi height, width in cells
+    if not aligned:
+        size = size.clamp(min=1.0)  # legacy kernel: force malformed RoIs to 1x1 cell
+    bins = torch.tensor([ph, pw], dtype=rois.dtype, device=rois.device)
+    bin_size = size / bins  # [K, 2]
+    if sampling_ratio > 0:
+        grid = torch.full_like(start, sampling_ratio, dtype=torch.long)
+    else:
+        grid = torch.ceil(bin_size).long()  # adaptive: about one sample per cell; <= 0 if inverted
+    g = max(int(grid.max()), 1) if grid.numel() else 1
+
+    def axis(s: Tensor, b: Tensor, n: Tensor, p: int) -> Tensor:
+        i = torch.arange(g, device=rois.device, dtype=rois.dtype) + 0.5
+        q = torch.arange(p, device=rois.device, dtype=rois.dtype)
+        n = n.clamp(min=1).to(rois.dtype)
+        # the kernel's order of operations: start + p * bin + (i + 0.5) * bin / n
+        return s[:, None, None] + q[:, None] * b[:, None, None] + i * b[:, None, None] / n[:, None, None]
+
+    ys = axis(start[:, 0], bin_size[:, 0], grid[:, 0], ph)  # [K, PH, GH]
+    xs = axis(start[:, 1], bin_size[:, 1], grid[:, 1], pw)  # [K, PW, GW]
+    return {"start": start, "bin_size": bin_size, "grid": grid, "ys": ys, "xs": xs}
+
+
+def _bilinear_axis(pos: Tensor, grid: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """One axis of bilinear interpolation, as torchvision's kernel does it.
+
+    Args: pos ``[K, P, G]`` sample coordinates; grid ``[K]`` real samples per bin side.
+    Returns: ``cells`` int64 ``[K, P, G, 2]`` (low, high neighbour) and their ``weights``
+    ``[K, P, G, 2]``; padding samples and samples more than one cell off the map weigh 0.
+    """
+    inside = (pos >= -1.0) & (pos <= length)  # beyond that a sample reads 0 (still counted)
+    real = torch.arange(pos.shape[2], device=pos.device) < grid[:, None, None]  # [K, 1, G]
+    pos = pos.clamp(min=0.0)
+    low = pos.floor()
+    at_end = low >= length - 1  # a sample past the last cell centre reads the last cell
+    frac = torch.where(at_end, 0.0, pos - low)  # distance to the low neighbour, in [0, 1)
+    low = low.clamp(max=length - 1).long()
+    high = (low + 1).clamp(max=length - 1)
+    keep = inside & real
+    weights = torch.stack([torch.where(keep, 1 - frac, 0.0), torch.where(keep, frac, 0.0)], -1)
+    return torch.stack([low, high], -1), weights  # [K, P, G, 2] each
+
+
+def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int],
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """Mask R-CNN's RoIAlign: average of bilinear samples per bin; torchvision.ops.roi_align's numbers.
+
+    Args:
+        input: ``Tensor[N, C, H, W]`` feature maps.
+        boxes: ``Tensor[K, 5]`` (image index, x1, y1, x2, y2) or a list of ``Tensor[L, 4]`` per
+            image, xyxy in image pixels, same dtype as ``input``.
+        output_size: PH = PW, or (PH, PW).  spatial_scale: 1 / stride (image px -> cells).
+        sampling_ratio: samples per bin side; ``<= 0`` adapts per RoI, ``ceil(bin size)``.
+        aligned: shift the box by half a cell so samples line up with cell centres (see
+            ``roi_align_samples``); torchvision's default is the legacy False.
+
+    Returns:
+        ``Tensor[K, C, PH, PW]``. Each output is ``sum(w_s * features[cell_s]) / count``
+        over the bin's samples ``s`` and their four neighbours, ``count = max(GH*GW, 1)``.
+    """
+    rois, (ph, pw) = _check(input, boxes, output_size)
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    if k == 0:
+        return input.new_zeros(0, c, ph, pw)
+    grid = roi_align_samples(rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
+    ry, wy = _bilinear_axis(grid["ys"], grid["grid"][:, 0], h)  # [K, PH, GH, 2]
+    rx, wx = _bilinear_axis(grid["xs"], grid["grid"][:, 1], w)  # [K, PW, GW, 2]
+    count = (grid["grid"][:, 0] * grid["grid"][:, 1]).clamp(min=1).to(input.dtype)  # [K]
+    base = rois[:, 0].long() * (h * w)
+    # every (bin, sample, corner) of every RoI: [K, PH, PW, GH, GW, 2, 2]
+    index = (base[:, None, None, None, None, None, None] + (ry * w)[:, :, None, :, None, :, None]
+             + rx[:, None, :, None, :, None, :])
+    weight = (wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :]
+              / count[:, None, None, None, None, None, None])
+    entries = index.shape[3] * index.shape[4] * 4  # GH * GW * 4 per bin
+    pooled = F.embedding_bag(index.reshape(k * ph * pw, entries), _flat_features(input)[:-1],
+                             per_sample_weights=weight.reshape(k * ph * pw, entries),
+                             mode="sum")  # [K*PH*PW, C]
+    return pooled.reshape(k, ph, pw, c).permute(0, 3, 1, 2).contiguous()  # [K, C, PH, PW]
+
+
+def pool_rois(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int],
+              spatial_scale: float, pooler: str = "roi_align", sampling_ratio: int = 2,
+              aligned: bool = True, fast: bool = True) -> Tensor:
+    """The model's one switch between torchvision's kernels (``fast``) and the hand-built ops.
+
+    Args as ``roi_align``; ``pooler`` is ``"roi_align"`` or ``"roi_pool"`` (which ignores
+    ``sampling_ratio`` and ``aligned``). Both paths return the same ``Tensor[K, C, PH, PW]``
+    (tests/test_roi_ops.py checks it); the fast one is several times quicker.
+    """
+    if pooler not in ("roi_align", "roi_pool"):
+        raise ValueError(f"pooler must be 'roi_align' or 'roi_pool', got {pooler!r}")
+    if pooler == "roi_pool":
+        if fast:
+            return torchvision.ops.roi_pool(input, boxes, output_size, spatial_scale)
+        return roi_pool(input, boxes, output_size, spatial_scale)
+    if fast:
+        return torchvision.ops.roi_align(input, boxes, output_size, spatial_scale,
+                                         sampling_ratio, aligned)
+    return roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
