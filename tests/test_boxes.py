@@ -88,13 +88,17 @@ def test_batched_nms_matches_torchvision_and_separates_classes():
     b = random_boxes(200, seed=5)
     s = torch.rand(200, generator=torch.Generator().manual_seed(6))
     idxs = torch.randint(0, 4, (200,), generator=torch.Generator().manual_seed(7))
-    ours = boxes.batched_nms(b, s, idxs, 0.5)
+    ours = boxes.batched_nms(b, s, idxs, 0.5, fast=False)
     assert torch.equal(ours, torchvision.ops.batched_nms(b, s, idxs, 0.5))
+    assert torch.equal(boxes.batched_nms(b, s, idxs, 0.5, fast=True), ours)
     # two identical boxes survive when they belong to different classes
     same = torch.tensor([[0.0, 0.0, 5.0, 5.0]] * 2)
-    assert boxes.batched_nms(same, torch.tensor([0.9, 0.8]), torch.tensor([1, 2]), 0.5).tolist() == [0, 1]
-    assert boxes.batched_nms(same, torch.tensor([0.9, 0.8]), torch.tensor([1, 1]), 0.5).tolist() == [0]
-    assert boxes.batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).numel() == 0
+    for fast in (False, True):
+        two = torch.tensor([0.9, 0.8])
+        assert boxes.batched_nms(same, two, torch.tensor([1, 2]), 0.5, fast=fast).tolist() == [0, 1]
+        assert boxes.batched_nms(same, two, torch.tensor([1, 1]), 0.5, fast=fast).tolist() == [0]
+        empty = boxes.batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5, fast=fast)
+        assert empty.numel() == 0 and empty.dtype == torch.int64
 
 
 # ---- clipping, small boxes, formats -----------------------------------------------------------
@@ -157,3 +161,11 @@ def test_box_coder_validates():
         coder.decode(torch.zeros(3, 4), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="weights"):
         boxes.BoxCoder((1.0, 1.0, 1.0))
+
+
+def test_nms_degenerate_boxes_like_torchvision():
+    # zero-area boxes have IoU 0/0 = NaN with each other: "NaN > threshold" is false, both stay
+    b = torch.tensor([[5.0, 5.0, 5.0, 5.0], [5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 4.0, 4.0]])
+    s = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    assert boxes.nms(b, s, 0.5).tolist() == [0, 1, 2]
+    assert torch.equal(boxes.nms(b, s, 0.5), torchvision.ops.nms(b, s, 0.5))
