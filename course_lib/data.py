@@ -1,7 +1,7 @@
 """The course's data: synthetic shapes with instance masks, and COCO json in and out.
 
 Mask R-CNN learns from images whose every object carries a class, a box and a binary mask
-(the COCO "instances" format). COCO itself is 20 GB; the course instead draws its own images
+(the COCO "instances" format of Lin et al. 2014, the data of Mask R-CNN §4). COCO itself is 20 GB; the course instead draws its own images
 in milliseconds: squares (straight edges), circles (curved edges) and triangles (diagonal
 edges), of 6 to 50 px on a 128 px image, over a textured colour gradient, where later objects
 occlude earlier ones. The same code path then reads any real COCO-format set.
