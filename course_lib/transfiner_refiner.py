@@ -35,6 +35,14 @@ from course_lib import transfiner
 
 @dataclass(frozen=True)
 class TransfinerConfig:
+    """Sizes and choices of the refinement stage (frozen; vary it with ``dataclasses.replace``).
+
+    Two defaults differ from the paper, both measured on the shapes data (tests and chapter 09):
+    the detector learns the wide ``soft_incoherent_band`` (the strict regions depend on sub-cell
+    detail the detector cannot see, so it misses many of them; the soft band is easy to predict
+    and covers nearly all wrong pixels), and the node labels are learned with BCE (the paper's
+    L1 on probabilities stalls for many steps at the start of training).
+    """
     sizes: tuple[int, int, int] = (28, 56, 112)  # quadtree levels: RoI grid sides (paper: 28, 56, 112)
     d_model: int = 64               # node vector width, divisible by 4 for the sine encoding
     num_heads: int = 4              # attention heads of the sequence encoder
@@ -42,8 +50,9 @@ class TransfinerConfig:
     ffn_dim: int = 128              # hidden width of each feed-forward layer
     detector_channels: int = 64     # width of the detector's four 3x3 convs
     incoherent_factor: int = 2      # down/up-sampling factor defining incoherence (paper: 2)
-    incoherent_target: str = "strict"  # "strict": incoherent_mask (paper); "soft": released code's band
-    detector_thresh: float = 0.5    # detector probability above which a 28x28 cell becomes a root
+    incoherent_target: str = "soft"  # detector target: "soft" band (released code) or "strict" (paper's definition)
+    detector_thresh: float = 0.25   # root if detector probability >= this; low: a missed root cannot be fixed
+    node_loss: str = "bce"          # node label loss: "bce", or "l1" (paper; slow to start, see refine_loss)
     max_nodes: int = 256            # nodes per attention sequence (released code: 150 per level)
     seed: int = 0                   # fixed generator for grouping nodes at inference: same input, same mask
 
@@ -51,6 +60,8 @@ class TransfinerConfig:
         if self.incoherent_target not in ("strict", "soft"):
             raise ValueError(f"TransfinerConfig.incoherent_target={self.incoherent_target!r}; "
                              "expected 'strict' or 'soft'")
+        if self.node_loss not in ("l1", "bce"):
+            raise ValueError(f"TransfinerConfig.node_loss={self.node_loss!r}; expected 'l1' or 'bce'")
         if self.d_model % 4 or self.d_model % self.num_heads:
             raise ValueError(f"TransfinerConfig.d_model={self.d_model} must be divisible by 4 "
                              f"and by num_heads={self.num_heads}")
@@ -194,14 +205,19 @@ def incoherent_loss(detector_logits: Tensor, targets: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(detector_logits, targets.float())
 
 
-def refine_loss(node_logits: Tensor, node_targets: Tensor) -> Tensor:
-    """The paper's L1 loss: mean |sigmoid(logit) - ground truth| over refined nodes ``Tensor[P]``.
+def refine_loss(node_logits: Tensor, node_targets: Tensor, kind: str = "l1") -> Tensor:
+    """Loss on refined node labels ``Tensor[P]`` against the ground truth in [0, 1].
 
-    L1 (not BCE) as Mask Transfiner §3.5: node labels near a boundary are fractional
-    (``roi_align`` of the ground truth), and L1 does not over-weight the confident ones.
+    ``"l1"``: the paper's mean |sigmoid(logit) - ground truth|. Its gradient with respect to a
+    logit is sigmoid'(logit) whatever the size of the error, so a node predicted confidently
+    wrong barely moves, and a freshly initialised refiner can collapse to the majority label
+    (background) and stay there. ``"bce"``: binary cross-entropy, whose gradient
+    sigmoid(logit) - target grows with the error; the chapter compares the two.
     """
     if node_logits.numel() == 0:
         return node_logits.sum() * 0
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(node_logits, node_targets.float())
     return (node_logits.sigmoid() - node_targets.float()).abs().mean()
 
 
@@ -234,7 +250,7 @@ class TransfinerRefiner(nn.Module):
         self.detector = IncoherentDetector(channels[0], config.detector_channels)
         self.node_encoder = NodeEncoder(channels, config.d_model)
         layer = nn.TransformerEncoderLayer(config.d_model, config.num_heads, config.ffn_dim,
-                                           dropout=0.0, batch_first=True)
+                                           dropout=0.0, batch_first=True, norm_first=True)
         self.sequence_encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
         self.pixel_decoder = nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.ReLU(),
                                            nn.Linear(config.d_model, 1))
@@ -292,7 +308,7 @@ class TransfinerRefiner(nn.Module):
         labels = torch.cat([gather_nodes(gt[:, None].float(), nodes)[:, 0]
                             for gt, nodes in zip(gt_masks, tree.nodes)])  # [P]
         return {"loss_incoherent": incoherent_loss(detector_logits, targets),
-                "loss_refine": refine_loss(logits[refined], labels[refined])}
+                "loss_refine": refine_loss(logits[refined], labels[refined], self.config.node_loss)}
 
     @torch.no_grad()
     def refine(self, features: Sequence[Tensor], coarse_mask_logits: Tensor) -> dict:
