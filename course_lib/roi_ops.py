@@ -211,7 +211,8 @@ def roi_align_samples(rois: Tensor, output_size: tuple[int, int], spatial_scale:
         q = torch.arange(p, device=rois.device, dtype=rois.dtype)
         n = n.clamp(min=1).to(rois.dtype)
         # the kernel's order of operations: start + p * bin + (i + 0.5) * bin / n
-        return s[:, None, None] + q[:, None] * b[:, None, None] + i * b[:, None, None] / n[:, None, None]
+        s, b, n = s[:, None, None], b[:, None, None], n[:, None, None]
+        return s + q[:, None] * b + i * b / n  # [K, P, G]
 
     ys = axis(start[:, 0], bin_size[:, 0], grid[:, 0], ph)  # [K, PH, GH]
     xs = axis(start[:, 1], bin_size[:, 1], grid[:, 1], pw)  # [K, PW, GW]
@@ -239,8 +240,9 @@ def _bilinear_axis(pos: Tensor, grid: Tensor, length: int) -> tuple[Tensor, Tens
 
 
 def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int],
-              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
-    """Mask R-CNN's RoIAlign: average of bilinear samples per bin; torchvision.ops.roi_align's numbers.
+              spatial_scale: float = 1.0, sampling_ratio: int = -1,
+              aligned: bool = False) -> Tensor:
+    """Mask R-CNN's RoIAlign: the average of bilinear samples per bin, as torchvision.ops.roi_align.
 
     Args:
         input: ``Tensor[N, C, H, W]`` feature maps.
