@@ -39,7 +39,7 @@ def select_training_samples(proposals: list[Tensor], targets: list[dict], config
         targets: per image dict with ``boxes`` ``Tensor[G_i, 4]`` and ``labels`` ``Tensor[G_i]``.
     Returns:
         per image: sampled rois ``Tensor[R_i, 4]``, matched_idxs ``Tensor[R_i]`` (index into the
-        gt, 0 for background rois), labels ``Tensor[R_i]`` (0 = background) and regression
+        gt; only meaningful for positives), labels ``Tensor[R_i]`` (0 = background) and regression
         targets ``Tensor[R_i, 4]`` (weighted deltas; only positives' rows are used).
 
     Why append the gt boxes: early in training the RPN's proposals are poor, and the gt boxes
@@ -58,8 +58,8 @@ def select_training_samples(proposals: list[Tensor], targets: list[dict], config
             proposals, all_matched, all_labels, pos_masks, neg_masks, targets):
         keep = torch.where(pos | neg)[0]
         gt_boxes = target["boxes"].to(rois)
-        if gt_boxes.numel() == 0:  # no objects: a dummy box keeps shapes uniform; unused (no positives)
-            gt_boxes = torch.zeros((1, 4), dtype=rois.dtype, device=rois.device)
+        if gt_boxes.numel() == 0:  # no objects: every roi is background, "match" it to itself
+            gt_boxes, matched_idxs = rois, torch.arange(len(rois), device=rois.device)
         sampled_rois.append(rois[keep])                                            # [R_i, 4]
         sampled_matched.append(matched_idxs[keep])
         sampled_labels.append(labels[keep])

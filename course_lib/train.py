@@ -139,7 +139,7 @@ def fit(model: nn.Module, dataset, steps: int, batch_size: int = 8, lr: float = 
         warmup_steps: int = 50, schedule: str = "cosine", grad_clip: float | None = 10.0,
         val_dataset=None, eval_every: int = 0, checkpoint_path: str | Path | None = None,
         checkpoint_every: int = 0, resume: bool = False, device: str | torch.device | None = None,
-        seed: int = 0, amp: bool = False, progress: bool = True) -> dict:
+        seed: int = 0, amp: bool = False, progress: bool = True, stop_at: int | None = None) -> dict:
     """Train ``model`` for ``steps`` SGD steps; returns the history.
 
     Args:
@@ -152,6 +152,7 @@ def fit(model: nn.Module, dataset, steps: int, batch_size: int = 8, lr: float = 
         checkpoint_path, checkpoint_every: write a checkpoint every N steps and at the end.
         resume: continue from ``checkpoint_path`` when it exists (same model, data and arguments).
         amp: mixed precision (CUDA only).
+        stop_at: leave after this step (with a checkpoint) as if interrupted; ``resume`` goes on.
     Returns:
         ``{"train": [per step {"step", "lr", "loss", "loss_*", "time"}], "eval": [{"step", "bbox": {...}, ...}]}``
     """
@@ -174,7 +175,11 @@ def fit(model: nn.Module, dataset, steps: int, batch_size: int = 8, lr: float = 
         if val_dataset is not None and eval_every and (done % eval_every == 0 or done == steps):
             metrics = evaluate.coco_evaluate(model, val_dataset, batch_size=batch_size, device=device)
             history["eval"].append({"step": done, **metrics})
-        if checkpoint_path is not None and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
+        last = done == steps or done == stop_at
+        if checkpoint_path is not None and (last or (checkpoint_every and done % checkpoint_every == 0)):
             save_checkpoint(checkpoint_path, model, optimizer, scheduler, done, history)
+        if done == stop_at:
+            break
+    bar.close()
     model.eval()
     return history
