@@ -1,0 +1,175 @@
+"""Mask Transfiner, part 3: refining the masks of a trained Mask R-CNN.
+
+Chapter 09 trains a Mask R-CNN with ``train.fit``, freezes it, and trains a
+``transfiner_refiner.TransfinerRefiner`` on top, as a second stage: the refiner sees the frozen
+model's RoI features at three resolutions and its coarse 28x28 mask, and learns to correct the
+mask near the boundary. ``RefinedMaskRCNN`` then runs both, so ``evaluate.coco_evaluate`` scores
+the refined masks with the same code as the plain ones.
+
+The RoI features per quadtree level (28, 56, 112) come from the backbone map whose stride is
+finer by the same factor: stride s for 28 (s = ``config.stride``; P4 with FPN), s/2 for 56 and
+s/4 for 112 (stride 4 = the finest stage, P2 with FPN), each concatenated with the normalised
+image pooled at that level (3 channels). Mask Transfiner uses P2-P4 the same way; the image
+channels are ours: a small CPU backbone's stride-4 features are weak, and the pixels themselves
+say where a shape's edge is.
+
+Public names: ``refiner_in_channels``, ``roi_features``, ``coarse_mask_logits``,
+``refiner_batch``, ``fit_refiner``, ``upsample_coarse``, ``RefinedMaskRCNN``.
+
+Dimensions: N images, K RoIs (all images together), C_l channels and S_l side at level l.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from course_lib import data, mask_head, model as model_lib, roi_ops, train, transfiner, transfiner_refiner
+
+
+def _level_strides(model: model_lib.MaskRCNN, num_levels: int) -> list[int]:
+    """Stride of the map pooled at each level: the heads' stride, then halving (>= 4)."""
+    return [max(model.config.stride // 2 ** level, 4) for level in range(num_levels)]
+
+
+def refiner_in_channels(model: model_lib.MaskRCNN, num_levels: int = 3) -> list[int]:
+    """Channels of ``roi_features`` per level: the chosen map's channels + 3 image channels."""
+    if model.config.fpn:
+        return [model.config.fpn_channels + 3] * num_levels
+    by_stride = dict(zip(model.backbone.strides, model.backbone.out_channels))
+    return [by_stride[s] + 3 for s in _level_strides(model, num_levels)]
+
+
+def _maps(model: model_lib.MaskRCNN, batch: Tensor) -> tuple[list[Tensor], dict[int, Tensor]]:
+    """One backbone pass: (the heads' features as ``model.features``, every map by its stride)."""
+    stages = model.backbone(batch)  # finest first
+    if model.fpn is not None:
+        pyramid = model.fpn(stages[-4:])  # P2..P6
+        return pyramid, {4 * 2 ** i: p for i, p in enumerate(pyramid)}
+    return stages[-1:], dict(zip(model.backbone.strides, stages))
+
+
+def roi_features(model: model_lib.MaskRCNN, batch: Tensor, maps: dict[int, Tensor], rois: list[Tensor],
+                 sizes: tuple[int, ...]) -> list[Tensor]:
+    """RoIAlign every RoI at each level: per level ``Tensor[K, C_l, S_l, S_l]`` (map + image)."""
+    features = []
+    for size, stride in zip(sizes, _level_strides(model, len(sizes))):
+        pooled = roi_ops.pool_rois(maps[stride], rois, size, 1.0 / stride)  # [K, C, S, S]
+        pixels = roi_ops.pool_rois(batch, rois, size, 1.0)  # [K, 3, S, S]
+        features.append(torch.cat([pooled, pixels], dim=1))
+    return features
+
+
+def coarse_mask_logits(model: model_lib.MaskRCNN, head_features: list[Tensor], rois: list[Tensor],
+                       labels: Tensor) -> Tensor:
+    """The mask head's 28x28 logits of each RoI's class ``labels: Tensor[K]`` -> ``Tensor[K, 28, 28]``."""
+    pooled = model.roi_heads.pool(head_features, rois, model.config.mask_roi_size)  # [K, C, 14, 14]
+    logits = model.roi_heads.mask_head(pooled)  # [K, L, 28, 28]
+    return logits[torch.arange(len(labels), device=labels.device), labels]
+
+
+def _jitter(gt_boxes: Tensor, image_size: tuple[int, int], scale: float, generator: torch.Generator) -> Tensor:
+    """Move each box edge by up to ``scale`` of the box size, so training RoIs look like detections."""
+    wh = (gt_boxes[:, 2:] - gt_boxes[:, :2]).repeat(1, 2)  # [G, 4]
+    noise = (torch.rand(gt_boxes.shape, generator=generator) * 2 - 1) * scale * wh
+    jittered = gt_boxes + noise
+    jittered[:, 0::2] = jittered[:, 0::2].clamp(0, image_size[1])
+    jittered[:, 1::2] = jittered[:, 1::2].clamp(0, image_size[0])
+    ok = (jittered[:, 2] - jittered[:, 0] > 1) & (jittered[:, 3] - jittered[:, 1] > 1)
+    return torch.where(ok[:, None], jittered, gt_boxes)
+
+
+@torch.no_grad()
+def refiner_batch(model: model_lib.MaskRCNN, images: list[Tensor], targets: list[dict],
+                  sizes: tuple[int, ...] = (28, 56, 112), jitter: float = 0.1,
+                  generator: torch.Generator | None = None) -> dict:
+    """The frozen model's view of the ground-truth objects, ready for ``TransfinerRefiner``.
+
+    Returns ``{"features": per level Tensor[K, C_l, S_l, S_l], "coarse_mask_logits": Tensor[K, 28, 28],
+    "gt_masks": per level Tensor[K, S_l, S_l] in [0, 1], "rois": per image Tensor[G_i, 4],
+    "labels": Tensor[K]}`` with one RoI per ground-truth object (its box, jittered).
+    """
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    batch = model_lib.batch_images(images, model.image_mean, model.image_std, model.config.size_divisible)
+    head_features, maps = _maps(model, batch)
+    rois = [_jitter(t["boxes"].float(), img.shape[-2:], jitter, generator) for t, img in zip(targets, images)]
+    labels = torch.cat([t["labels"] for t in targets])  # [K]
+    gt_masks = [torch.cat([mask_head.mask_targets(t["masks"], r, torch.arange(len(r)), size)
+                           for t, r in zip(targets, rois)]) for size in sizes]
+    return {"features": roi_features(model, batch, maps, rois, sizes),
+            "coarse_mask_logits": coarse_mask_logits(model, head_features, rois, labels),
+            "gt_masks": gt_masks, "rois": rois, "labels": labels}
+
+
+def fit_refiner(model: model_lib.MaskRCNN, refiner: transfiner_refiner.TransfinerRefiner, dataset, steps: int,
+                batch_size: int = 4, lr: float = 1e-3, seed: int = 0, progress: bool = True) -> dict[str, list]:
+    """Train ``refiner`` on the frozen ``model`` with Adam; returns the loss history per step.
+
+    Each step takes ``batch_size`` images (the order of ``train.batch_indices``), one RoI per
+    object. The Mask R-CNN stays in eval mode (BatchNorm statistics frozen) and gets no gradient.
+    """
+    model.eval()
+    refiner.train()
+    optimizer = torch.optim.Adam(refiner.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    history: dict[str, list] = {"loss_incoherent": [], "loss_refine": []}
+    for step in tqdm(range(steps), desc="refiner", disable=not progress):
+        indices = train.batch_indices(step, len(dataset), batch_size, seed)
+        images, targets = data.collate_fn([dataset[i] for i in indices])
+        inputs = refiner_batch(model, images, targets, refiner.config.sizes, generator=generator)
+        losses = refiner(inputs["features"], inputs["coarse_mask_logits"], inputs["gt_masks"])
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        for name, value in losses.items():
+            history[name].append(value.item())
+    return history
+
+
+def upsample_coarse(coarse_probs: Tensor, num_levels: int = 3) -> Tensor:
+    """The unrefined baseline at the refiner's resolution: ``paste_refined`` with no nodes.
+
+    ``Tensor[K, S, S] -> Tensor[K, S*2^(L-1), S*2^(L-1)]`` (bilinear x2, level by level).
+    """
+    empty = transfiner.build_quadtree(torch.zeros_like(coarse_probs, dtype=torch.bool), num_levels)
+    return transfiner.paste_refined(coarse_probs, [coarse_probs.new_zeros(0)] * num_levels, empty)
+
+
+class RefinedMaskRCNN(nn.Module):
+    """A trained Mask R-CNN whose masks are refined by a ``TransfinerRefiner`` (inference only).
+
+    ``forward(images) -> detections`` as ``MaskRCNN`` in eval mode, with ``masks``
+    ``Tensor[D, 1, H, W]`` pasted from 112x112 masks: refined for detections scoring at least
+    ``score_thresh``, the coarse 28x28 mask upsampled (bilinear x2 twice) for the others. Like
+    the released code (which refines at most 10 RoIs per image), this keeps inference cheap:
+    the many low-score detections barely move mask AP. This is the call ``ModelConfig.refine``
+    would make inside ``MaskRCNN.forward``.
+    """
+
+    def __init__(self, model: model_lib.MaskRCNN, refiner: transfiner_refiner.TransfinerRefiner,
+                 score_thresh: float = 0.5):
+        super().__init__()
+        if model.config.mask_loss != "sigmoid":
+            raise ValueError(f"model.config.mask_loss={model.config.mask_loss!r}: the refiner reads sigmoid mask logits")
+        self.model, self.refiner, self.score_thresh = model, refiner, score_thresh
+
+    @torch.no_grad()
+    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        model = self.model.eval()
+        model_lib.validate_inputs(images, None)
+        image_sizes = [tuple(img.shape[-2:]) for img in images]
+        batch = model_lib.batch_images(images, model.image_mean, model.image_std, model.config.size_divisible)
+        head_features, maps = _maps(model, batch)
+        proposals, _ = model.rpn(head_features, image_sizes, tuple(batch.shape[-2:]))
+        detections, _ = model.roi_heads(head_features, proposals, image_sizes)
+        rois = [det["boxes"] for det in detections]
+        coarse = coarse_mask_logits(model, head_features, rois, torch.cat([d["labels"] for d in detections]))
+        masks = upsample_coarse(coarse.sigmoid(), len(self.refiner.config.sizes))  # [K, 112, 112]
+        keep = torch.cat([det["scores"] >= self.score_thresh for det in detections])  # [K]
+        if keep.any():
+            features = roi_features(model, batch, maps, [r[d["scores"] >= self.score_thresh]
+                                                         for r, d in zip(rois, detections)], self.refiner.config.sizes)
+            masks[keep] = self.refiner.eval()(features, coarse[keep])  # [K', 112, 112]
+        for det, masks, size in zip(detections, masks.split([len(r) for r in rois]), image_sizes):
+            det["masks"] = mask_head.paste_masks_in_image(masks[:, None], det["boxes"], size)
+        return detections
