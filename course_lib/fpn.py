@@ -1,7 +1,8 @@
 """The feature pyramid (Lin et al. 2017, "Feature Pyramid Networks for Object Detection") and
 multi-level RoIAlign: which pyramid level each RoI is pooled from.
 
-Public names: ``FPN``, ``assign_levels``, ``level_for_box_size``, ``multiscale_roi_align``.
+Public names: ``FPN``, ``assign_levels``, ``level_for_box_size``, ``level_summary``,
+``multiscale_roi_align``.
 
 Dimensions: N images, L pyramid levels, K RoIs, C channels, S the pooled size.
 Levels are named as in the paper: C_k / P_k has stride 2^k (C2..C5 at strides 4..32).
@@ -113,6 +114,22 @@ def level_for_box_size(box_size: float, k_min: int = 2, k_max: int = 5, canonica
         raise ValueError(f"box_size={box_size} must be a finite size >= 0 (pixels)")
     box = torch.tensor([[0.0, 0.0, box_size, box_size]], dtype=torch.float64)
     return k_min + int(assign_levels(box, k_min, k_max, canonical_size, canonical_level)[0])
+
+
+def level_summary(box_size: float, k_min: int = 2, k_max: int = 5, canonical_size: float = 36,
+                  canonical_level: int = 4) -> dict:
+    """The read-out of chapter 07's widget for a square box of side ``box_size`` pixels.
+
+    Returns ``{"level": k, "stride": 2**k, "cells": box side in feature cells of P_k,
+    "text": one line for the read-out}``. Eq. 1 keeps ``cells`` near ``canonical_size /
+    2**canonical_level`` (36 / 16 = 2.25 cells by default) until the clamp at P2 or P5 takes over.
+    """
+    level = level_for_box_size(box_size, k_min, k_max, canonical_size, canonical_level)
+    stride = 2 ** level
+    cells = box_size / stride
+    text = (f"box {box_size:.1f} px -> P{level} (stride {stride} px): the RoI spans {cells:.2f} "
+            f"feature cells of P{level}")
+    return {"level": level, "stride": stride, "cells": cells, "text": text}
 
 
 def _to_rois(boxes: list[Tensor]) -> Tensor:

@@ -64,6 +64,18 @@ def test_level_for_box_size_extremes():
             fpn.level_for_box_size(bad)
 
 
+def test_level_summary_extremes():
+    tiny, huge = fpn.level_summary(0.0), fpn.level_summary(1e6)
+    assert (tiny["level"], tiny["stride"], tiny["cells"]) == (2, 4, 0.0)
+    assert (huge["level"], huge["stride"], huge["cells"]) == (5, 32, 1e6 / 32)
+    middle = fpn.level_summary(36.0)
+    assert middle["level"] == 4 and middle["cells"] == 2.25 and "P4" in middle["text"]
+    for size in (10.0, 20.0, 50.0, 100.0):                   # between the clamps: 2.25 to 4.5 cells
+        assert 2.25 <= fpn.level_summary(size)["cells"] < 4.5
+    with pytest.raises(ValueError, match="box_size"):
+        fpn.level_summary(-3.0)
+
+
 @pytest.mark.parametrize("sampling_ratio", [2, -1])
 def test_multiscale_roi_align_equals_torchvision(sampling_ratio):
     gen = torch.Generator().manual_seed(1)
