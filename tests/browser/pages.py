@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 import time
 
-from playwright.sync_api import Locator, Page, expect
+from playwright.sync_api import Locator, Page
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 KERNEL_IDLE = "Python 3 (ipykernel) | Idle"
 BAD_WIDGET_TEXT = ("Loading widget...", "Error displaying widget")
@@ -25,8 +26,10 @@ def open_notebook(page: Page, url: str, timeout_s: float = 90) -> None:
     then is silently dropped; the status bar's kernel name + "Idle" appears only once it runs.
     """
     page.goto(url)
-    expect(page.locator(".jp-Notebook").first).to_be_visible(timeout=timeout_s * 1000)
-    expect(page.get_by_text(KERNEL_IDLE, exact=True)).to_be_visible(timeout=timeout_s * 1000)
+    _visible(page.locator(".jp-Notebook").first, f"notebook {url.split('?')[0]} did not open",
+             timeout_s)
+    _visible(page.get_by_text(KERNEL_IDLE, exact=True),
+             f"status bar never read {KERNEL_IDLE!r} (kernel did not start)", timeout_s)
 
 
 def _prompts(page: Page) -> list[str]:
@@ -85,11 +88,17 @@ def page_warnings(page: Page) -> list[str]:
     return found
 
 
-def assert_widgets_rendered(page: Page, min_count: int = 1) -> Locator:
+def assert_widgets_rendered(page: Page, min_count: int = 1, timeout_s: float = 30) -> Locator:
     """At least ``min_count`` live widget views, and no "Loading widget..." / "Error displaying
     widget" text anywhere. Returns the widget locator."""
     widgets = page.locator(".jp-OutputArea-output .jupyter-widgets")
-    expect(widgets.first).to_be_visible(timeout=30_000)
+    try:
+        widgets.first.wait_for(state="visible", timeout=timeout_s * 1000)
+    except PlaywrightTimeoutError:
+        shown = [w for w in page_warnings(page) if w.startswith("widget shown as text")]
+        raise AssertionError(
+            f"no live widget rendered within {timeout_s} s: is the ipywidgets lab extension "
+            f"(@jupyter-widgets/jupyterlab-manager) installed and enabled? {shown[:2]}") from None
     assert widgets.count() >= min_count, f"{widgets.count()} widgets, expected >= {min_count}"
     body = page.locator("body").inner_text()
     for text in BAD_WIDGET_TEXT:
@@ -97,10 +106,17 @@ def assert_widgets_rendered(page: Page, min_count: int = 1) -> Locator:
     return widgets
 
 
+def _visible(locator: Locator, message: str, timeout_s: float = 30) -> None:
+    try:
+        locator.wait_for(state="visible", timeout=timeout_s * 1000)
+    except PlaywrightTimeoutError:
+        raise AssertionError(f"{message} (waited {timeout_s} s)") from None
+
+
 def slider(page: Page, css_class: str) -> Locator:
     """The slider widget carrying ``css_class`` (set in the notebook with ``add_class``)."""
     found = page.locator(f".{css_class}")
-    expect(found.first).to_be_visible(timeout=30_000)
+    _visible(found.first, f"no element with class .{css_class} (add_class in the notebook?)")
     assert found.count() == 1, f"{found.count()} elements carry .{css_class}, expected 1"
     return found.first
 
@@ -120,7 +136,7 @@ def press_slider(widget: Locator, key: str = "ArrowRight", times: int = 1) -> No
 
 def readout_text(page: Page, css_class: str) -> str:
     found = page.locator(f".{css_class}")
-    expect(found.first).to_be_visible(timeout=30_000)
+    _visible(found.first, f"no read-out with class .{css_class}")
     return found.first.inner_text().strip()
 
 
@@ -128,19 +144,20 @@ def figure_src(page: Page, near: Locator) -> str:
     """The ``src`` of the first matplotlib PNG in the output area that holds ``near``."""
     area = near.locator("xpath=ancestor::div[contains(@class,'jp-OutputArea')][1]")
     img = area.locator("img").first
-    expect(img).to_be_visible(timeout=30_000)
+    _visible(img, "no figure (<img>) in the widget's output area")
     return img.get_attribute("src")
 
 
-def wait_changed(read, before, timeout_s: float = 30, page: Page | None = None):
-    """Poll ``read()`` until it differs from ``before``; return the new value (or fail)."""
+def wait_changed(read, before, what: str, timeout_s: float = 30):
+    """Poll ``read()`` until it differs from ``before``; return the new value (or fail, saying
+    ``what`` did not change)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         now = read()
         if now != before:
             return now
         time.sleep(0.2)
-    raise AssertionError(f"value did not change within {timeout_s} s: {str(before)[:200]}")
+    raise AssertionError(f"{what} did not change within {timeout_s} s (still {str(before)[:60]}...)")
 
 
 def widget_values(page: Page, prefix: str) -> dict[str, str]:

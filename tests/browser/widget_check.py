@@ -24,7 +24,7 @@ class WidgetSpec:
     name: str                      # artifact file prefix, e.g. "02_anchors"
     notebook: str                  # path under the served root, e.g. "notebooks/02_x.ipynb"
     prefix: str                    # "course-anchor-"
-    slider: str                    # the class of the slider to move
+    slider: str | tuple[str, ...]  # the class of the slider to move (first one on the page)
     readout: str                   # the class of the read-out
     expected: Callable[[dict[str, str]], str | list[str]]
     key: str = "ArrowRight"
@@ -61,7 +61,11 @@ def check_widget_notebook(page, server, spec: WidgetSpec, artifacts: Path) -> di
     pages.run_all_and_wait(page)
     pages.assert_cells_ok(page)
     pages.assert_widgets_rendered(page)
-    slider = pages.slider(page, spec.slider)
+    before = pages.widget_values(page, spec.prefix)
+    candidates = (spec.slider,) if isinstance(spec.slider, str) else spec.slider
+    name = next((c for c in candidates if c in before), None)
+    assert name, f"none of the sliders {candidates} is on the page; widgets: {sorted(before)}"
+    slider = pages.slider(page, name)
     slider.scroll_into_view_if_needed()
     before, text_before = _wait_readout_matches(page, spec)
     src_before = pages.figure_src(page, slider)
@@ -69,11 +73,12 @@ def check_widget_notebook(page, server, spec: WidgetSpec, artifacts: Path) -> di
     cell.screenshot(path=str(artifacts / f"{spec.name}-before.png"))
 
     pages.press_slider(slider, spec.key, spec.presses)
-    pages.wait_changed(lambda: pages.widget_values(page, spec.prefix)[spec.slider],
-                       before[spec.slider])
-    pages.wait_changed(lambda: pages.figure_src(page, slider), src_before)
+    pages.wait_changed(lambda: pages.widget_values(page, spec.prefix)[name],
+                       before[name], f"slider .{name} after {spec.key}")
+    pages.wait_changed(lambda: pages.figure_src(page, slider), src_before,
+                       "the figure (is the widget callback raising? see JupyterLab's log console)")
     after, text_after = _wait_readout_matches(page, spec)
-    assert after[spec.slider] != before[spec.slider]
+    assert after[name] != before[name]
     page.wait_for_timeout(300)  # let the new PNG paint before the screenshot
     cell.screenshot(path=str(artifacts / f"{spec.name}-after.png"))
     return {"before": before, "after": after, "text_before": text_before, "text_after": text_after}
