@@ -179,6 +179,29 @@ def test_paste_bilinear_shape_range_and_gradient():
         transfiner.paste_refined(coarse, labels, tree, mode="cubic")
 
 
+# ---- measurements ------------------------------------------------------------------------------
+
+def test_error_statistics_hand_case():
+    gt = torch.zeros(1, 4, 4)
+    gt[0, 1, 1:3] = gt[0, 2, 1:3] = 1  # 4 object pixels
+    region = torch.zeros(1, 4, 4, dtype=torch.bool)
+    region[0, 1, :] = True  # a row holding 2 of them
+    stats = transfiner.error_statistics(torch.zeros(1, 4, 4), gt, region)
+    assert stats == {"region_area": 0.25, "errors_in_region": 0.5, "error_rate": 0.25}
+
+
+def test_mask_boundary_and_boundary_fscore():
+    square = _square(size=8, top=2, left=2, side=4)[None]
+    boundary = transfiner.mask_boundary(square)
+    assert boundary.sum() == 12 and not boundary[0, 3:5, 3:5].any()
+    shifted = torch.roll(square, 1, dims=-1)
+    far = torch.roll(square, 3, dims=-1)
+    scores = transfiner.boundary_fscore(torch.cat([square, shifted, far]), square.repeat(3, 1, 1), tolerance=1)
+    assert scores[0] == 1 and scores[1] == 1 and scores[2] < 0.5
+    empty = torch.zeros(1, 8, 8)
+    assert transfiner.boundary_fscore(empty, empty) == 1 and transfiner.boundary_fscore(empty, square) == 0
+
+
 # ---- node encoder pieces ---------------------------------------------------------------------
 
 def test_neighbourhood_matches_unfold():
