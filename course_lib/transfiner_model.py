@@ -14,7 +14,7 @@ channels are ours: a small CPU backbone's stride-4 features are weak, and the pi
 say where a shape's edge is.
 
 Public names: ``refiner_in_channels``, ``roi_features``, ``coarse_mask_logits``,
-``refiner_batch``, ``fit_refiner``, ``upsample_coarse``, ``RefinedMaskRCNN``.
+``refiner_batch``, ``fit_refiner``, ``roi_masks``, ``upsample_coarse``, ``RefinedMaskRCNN``.
 
 Dimensions: N images, K RoIs (all images together), C_l channels and S_l side at level l.
 """
@@ -124,6 +124,33 @@ def fit_refiner(model: model_lib.MaskRCNN, refiner: transfiner_refiner.Transfine
         for name, value in losses.items():
             history[name].append(value.item())
     return history
+
+
+@torch.no_grad()
+def roi_masks(model: model_lib.MaskRCNN, refiner: transfiner_refiner.TransfinerRefiner, dataset,
+              indices: list[int] | None = None, batch_size: int = 8) -> dict[str, Tensor]:
+    """Coarse and refined masks of every ground-truth object, on its exact box (no detection).
+
+    Returns ``{"coarse": Tensor[K, 28, 28]`` probabilities, ``"refined": Tensor[K, 112, 112]``,
+    ``"incoherent_probs": Tensor[K, 28, 28]``, ``"nodes": Tensor[K]`` quadtree nodes per RoI,
+    ``"gt_28", "gt_56", "gt_112"``: ground truth per level in [0, 1], ``"labels": Tensor[K]}``.
+    Isolates mask quality from detection quality: the chapter's error analysis runs on this.
+    """
+    refiner.eval()
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, len(indices), batch_size):
+        images, targets = data.collate_fn([dataset[i] for i in indices[start:start + batch_size]])
+        inputs = refiner_batch(model, images, targets, refiner.config.sizes, jitter=0.0)
+        out = refiner.refine(inputs["features"], inputs["coarse_mask_logits"])
+        roi_index = torch.cat([nodes[:, 0] for nodes in out["quadtree"].nodes])
+        found = {"coarse": inputs["coarse_mask_logits"].sigmoid(), "refined": out["masks"],
+                 "incoherent_probs": out["incoherent_probs"], "labels": inputs["labels"],
+                 "nodes": torch.bincount(roi_index, minlength=len(inputs["labels"]))}
+        found.update({f"gt_{size}": gt for size, gt in zip(refiner.config.sizes, inputs["gt_masks"])})
+        for name, value in found.items():
+            parts.setdefault(name, []).append(value)
+    return {name: torch.cat(values) for name, values in parts.items()}
 
 
 def upsample_coarse(coarse_probs: Tensor, num_levels: int = 3) -> Tensor:

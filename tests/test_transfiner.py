@@ -343,3 +343,43 @@ def test_refiner_learns_boundaries_from_informative_features():
     plain = _two_step_upsample(coarse_logits.sigmoid(), SMALL)
     wrong = lambda probs: ((probs >= 0.5) != gt[2].bool()).float().mean().item()  # noqa: E731
     assert wrong(refined) < 0.5 * wrong(plain)
+
+
+# ---- on top of a (here untrained) Mask R-CNN ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_mask_rcnn():
+    from course_lib import data, model
+    torch.manual_seed(0)
+    return model.MaskRCNN(model.quick_config()).eval(), data.ShapesDataset(4, seed=0)
+
+
+def test_fit_refiner_and_roi_masks_run(tiny_mask_rcnn):
+    from course_lib import transfiner_model
+    mask_rcnn, dataset = tiny_mask_rcnn
+    config = transfiner_refiner.TransfinerConfig(d_model=32, ffn_dim=64, detector_channels=16, max_nodes=64)
+    refiner = transfiner_refiner.TransfinerRefiner(config, transfiner_model.refiner_in_channels(mask_rcnn))
+    before = [p.clone() for p in mask_rcnn.parameters()]
+    history = transfiner_model.fit_refiner(mask_rcnn, refiner, dataset, steps=1, batch_size=2, progress=False)
+    assert len(history["loss_refine"]) == 1 and history["loss_refine"][0] > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, mask_rcnn.parameters()))  # frozen
+    out = transfiner_model.roi_masks(mask_rcnn, refiner, dataset, indices=[0, 1])
+    num_objects = sum(len(dataset[i][1]["boxes"]) for i in (0, 1))
+    assert out["coarse"].shape == (num_objects, 28, 28) and out["refined"].shape == (num_objects, 112, 112)
+    assert out["gt_112"].shape == (num_objects, 112, 112) and out["nodes"].shape == (num_objects,)
+
+
+def test_refined_model_keeps_the_detections(tiny_mask_rcnn):
+    from course_lib import transfiner_model
+    mask_rcnn, dataset = tiny_mask_rcnn
+    config = transfiner_refiner.TransfinerConfig(d_model=32, ffn_dim=64, detector_channels=16)
+    refiner = transfiner_refiner.TransfinerRefiner(config, transfiner_model.refiner_in_channels(mask_rcnn))
+    image = dataset[0][0]
+    with torch.no_grad():
+        plain = mask_rcnn([image])[0]
+    third_best = float(plain["scores"].sort(descending=True).values[2])
+    refined = transfiner_model.RefinedMaskRCNN(mask_rcnn, refiner, score_thresh=third_best)([image])[0]
+    for key in ("boxes", "labels", "scores"):
+        torch.testing.assert_close(refined[key], plain[key])
+    assert refined["masks"].shape == plain["masks"].shape
+    assert 0 <= refined["masks"].min() and refined["masks"].max() <= 1
