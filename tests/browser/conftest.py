@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -47,7 +48,7 @@ def chromium_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def lab_server(tmp_path_factory):
+def lab_server(tmp_path_factory, artifacts):
     """JupyterLab serving a copy of ``notebooks/`` and ``fixture/``; kernels get COURSE_QUICK=1
     and import this repository's course_lib (PYTHONPATH), whichever checkout runs the tests."""
     root = tmp_path_factory.mktemp("lab-root")
@@ -69,6 +70,7 @@ def lab_server(tmp_path_factory):
     server.trust(sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb")))
     yield server
     server.stop()
+    shutil.copy(server.log_path, artifacts / "jupyterlab.log")  # for a failed CI run
 
 
 @pytest.fixture(scope="session")
