@@ -12,13 +12,26 @@ Command line::
 
 The output file is rewritten atomically after every run, so a stopped grid resumes where it was:
 finished runs (status "ok" or "failed") are skipped on the next call. A run that raises is recorded
-with status "failed" and its error, and the grid goes on.
+with status "failed" and its error, and the grid goes on. A file written with other ``Settings``
+is refused rather than mixed.
+
+Object sizes: pycocotools' APs/APm/APl use COCO's fixed area ranges (32^2 and 96^2 px^2), made for
+COCO images of about 640 px. On 128 px images they put nearly every object in "small" and none in
+"large" (APl = -1). Each record therefore also carries ``APs``/``APm``/``APl`` with the ranges scaled
+by (image_size / 640)^2 (``scaled_area_ranges``), under ``box_scaled`` and ``mask_scaled``.
+
+Public names: ``METRICS``, ``PAPER_TABLE2``, ``ablation_grid``, ``Settings``, ``run_one``,
+``run_grid``, ``scaled_area_ranges``, ``scaled_area_metrics``, ``summarize``, ``machine_info``,
+``load_records``, ``save_records``, ``main``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
+import math
 import os
 import platform
 import sys
@@ -28,11 +41,27 @@ import traceback
 from pathlib import Path
 
 import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from tqdm.auto import tqdm
 
 from course_lib import data, evaluate, model, train, utils
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+SIZE_METRICS = ("APs", "APm", "APl")
+COCO_IMAGE_SIZE = 640     # px, the long side of a typical COCO image, where 32^2 / 96^2 were set
+
+# He et al. 2017, Table 2 (COCO minival, ResNet-50, mask AP / AP50 / AP75 in %): quoted, not measured.
+PAPER_TABLE2 = {
+    "2b R-50-C4 softmax": {"mask": (24.8, 44.1, 25.1)},
+    "2b R-50-C4 sigmoid": {"mask": (30.3, 51.2, 31.5)},
+    "2b R-50-C4 class-agnostic sigmoid": {"mask": (29.7, None, None)},
+    "2c R-50-C4 RoIPool": {"mask": (26.9, 48.8, 26.4)},
+    "2c R-50-C4 RoIWarp": {"mask": (27.2, 49.2, 27.1)},
+    "2c R-50-C4 RoIAlign": {"mask": (30.3, 51.2, 31.5)},
+    "2d R-50-C5 RoIPool": {"mask": (23.6, 46.5, 21.6), "box": (28.2, 52.7, 26.9)},
+    "2d R-50-C5 RoIAlign": {"mask": (30.9, 51.8, 32.1), "box": (34.0, 55.3, 36.4)},
+}
 
 
 def ablation_grid() -> dict[str, dict]:
@@ -49,18 +78,24 @@ def ablation_grid() -> dict[str, dict]:
 def machine_info() -> dict:
     """Where a run happened: CPU or GPU name, thread count, torch version."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": platform.processor() or platform.machine(), "gpu": gpu,
+    return {"cpu": platform.processor() or platform.machine(), "gpu": gpu, "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def load_records(path: Path) -> list[dict]:
     """The records already in ``path`` (an empty list when it does not exist yet)."""
+    return _load(Path(path)).get("runs", [])
+
+
+def _load(path: Path) -> dict:
     if not path.exists():
-        return []
+        return {}
     try:
-        return json.loads(path.read_text())["runs"]
-    except (json.JSONDecodeError, KeyError) as err:
+        content = json.loads(path.read_text())
+        content["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not an experiments results file ({err})") from err
+    return content
 
 
 def save_records(path: Path, records: list[dict], header: dict) -> None:
@@ -78,30 +113,82 @@ class Settings:
     steps: int = 400
     batch_size: int = 8
     lr: float = 0.02
+    schedule: str = "cosine"   # train.lr_factor's decay
     num_train: int = 2000
     num_val: int = 300
-    data_seed: int = 0      # the training images; validation uses data_seed + 1
+    image_size: int = 128      # px, the shapes images' side
+    data_seed: int = 0         # the training images; validation uses data_seed + 1
+    small_model: bool = False  # model.quick_config (narrower) instead of model.cpu_config
 
     @staticmethod
     def quick() -> "Settings":
-        return Settings(steps=3, batch_size=2, num_train=8, num_val=4)
+        return Settings(steps=3, batch_size=2, num_train=8, num_val=4, small_model=True)
+
+
+def scaled_area_ranges(image_size: int) -> dict[str, tuple[float, float]]:
+    """COCO's area ranges (all, small < 32^2, medium < 96^2, large) scaled by (image_size / 640)^2.
+
+    An object that is "small" on a 640 px COCO image covers the same fraction of a 128 px image
+    when its area is 25 times smaller: on 128 px, small < 6.4^2 = 41 px^2, medium < 19.2^2 = 369 px^2.
+    """
+    scale = (image_size / COCO_IMAGE_SIZE) ** 2
+    return {"all": (0.0, 1e10), "small": (0.0, 32 ** 2 * scale),
+            "medium": (32 ** 2 * scale, 96 ** 2 * scale), "large": (96 ** 2 * scale, 1e10)}
+
+
+def scaled_area_metrics(coco_gt: dict, results: list[dict], iou_type: str, image_size: int) -> dict[str, float]:
+    """APs, APm, APl with ``scaled_area_ranges(image_size)``: pycocotools' COCOeval, our ``areaRng``.
+
+    A range with no ground truth gives -1 (pycocotools' "not applicable"); no results give 0.
+    """
+    if not results:
+        return {name: 0.0 for name in SIZE_METRICS}
+    ranges = scaled_area_ranges(image_size)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = coco_gt
+        gt.createIndex()
+        evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
+        evaluator.params.areaRng = [list(r) for r in ranges.values()]
+        evaluator.params.areaRngLbl = list(ranges)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(value) for name, value in zip(SIZE_METRICS, evaluator.stats[3:6])}
+
+
+def _evaluate(net, val_set, settings: Settings) -> dict:
+    """Box and mask metrics of ``net`` on ``val_set``: COCO's fixed ranges and the scaled ones."""
+    detections = evaluate.predict(net, val_set, batch_size=settings.batch_size)
+    coco_gt = data.to_coco(val_set)
+    out = {}
+    for kind, iou_type, results in zip(("box", "mask"), ("bbox", "segm"), evaluate.coco_results(detections)):
+        if kind == "mask" and not net.config.with_mask:
+            out[kind] = out[f"{kind}_scaled"] = None
+            continue
+        out[kind] = evaluate.coco_metrics(coco_gt, results, iou_type)
+        out[f"{kind}_scaled"] = scaled_area_metrics(coco_gt, results, iou_type, settings.image_size)
+    return out
 
 
 def run_one(changes: dict, seed: int, settings: Settings, base: model.ModelConfig | None = None) -> dict:
-    """Train one variant with one seed and evaluate it; returns the metrics and the wall time."""
-    config = dataclasses.replace(base or model.cpu_config(), **changes)
+    """Train one variant with one seed and evaluate it; returns config, metrics and wall times."""
+    preset = model.quick_config if settings.small_model else model.cpu_config
+    config = dataclasses.replace(base or preset(), **changes)
     utils.seed_everything(seed)  # the model's initial weights depend on the seed
-    train_set = data.ShapesDataset(settings.num_train, seed=settings.data_seed)
-    val_set = data.ShapesDataset(settings.num_val, seed=settings.data_seed + 1)
+    train_set = data.ShapesDataset(settings.num_train, settings.image_size, seed=settings.data_seed)
+    val_set = data.ShapesDataset(settings.num_val, settings.image_size, seed=settings.data_seed + 1)
     net = model.MaskRCNN(config)
     tick = time.perf_counter()
-    train.fit(net, train_set, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
-              warmup_steps=min(50, settings.steps // 4), seed=seed, progress=False)
+    history = train.fit(net, train_set, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
+                        warmup_steps=min(50, settings.steps // 4), schedule=settings.schedule,
+                        seed=seed, progress=False)
     wall = time.perf_counter() - tick
-    metrics = evaluate.coco_evaluate(net, val_set, batch_size=settings.batch_size)
+    metrics = _evaluate(net, val_set, settings)
+    final_loss = sum(h["loss"] for h in history["train"][-20:]) / len(history["train"][-20:])
     return {"config": dataclasses.asdict(config), "wall_time_s": round(wall, 1),
-            "box": {k: metrics["bbox"][k] for k in METRICS},
-            "mask": {k: metrics["segm"][k] for k in METRICS} if "segm" in metrics else None}
+            "eval_time_s": round(time.perf_counter() - tick - wall, 1),
+            "final_loss": round(final_loss, 4), **metrics}
 
 
 def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0, 1, 2),
@@ -110,12 +197,18 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
     """Run every (variant, seed) of ``grid`` not already in ``out``; return all records.
 
     Each record: variant, changes, seed, steps, status ("ok" or "failed"), machine, metrics.
+    Raises ``ValueError`` when ``out`` holds runs made with other ``settings``.
     """
     out = Path(out)
-    records = load_records(out)
+    previous = _load(out)
+    records = previous.get("runs", [])
+    if records and previous.get("settings") != dataclasses.asdict(settings):
+        raise ValueError(f"{out} holds runs with settings={previous.get('settings')}, not "
+                         f"{dataclasses.asdict(settings)}; use another --out to change settings")
     done = {(r["variant"], r["seed"]) for r in records}
     todo = [(name, seed) for name in grid for seed in seeds if (name, seed) not in done]
-    header = {"command": command, "settings": dataclasses.asdict(settings)}
+    header = {"command": command or previous.get("command", ""), "settings": dataclasses.asdict(settings),
+              "area_ranges_scaled": scaled_area_ranges(settings.image_size)}
     for name, seed in tqdm(todo, desc="grid", disable=not progress):
         record = {"variant": name, "changes": grid[name], "seed": seed, "steps": settings.steps,
                   "machine": machine_info()}
@@ -129,6 +222,31 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
     return records
 
 
+def summarize(records: list[dict], key: str = "mask") -> dict[str, dict[str, tuple[float, float, int]]]:
+    """Mean and sample standard deviation over seeds: variant -> metric -> (mean, std, n).
+
+    Only runs with status "ok" count; a metric pycocotools marks not applicable (-1) is left out,
+    so ``n`` can differ between metrics. ``key``: "box", "mask", "box_scaled" or "mask_scaled".
+    With one seed the std is 0.
+    """
+    values: dict[str, dict[str, list[float]]] = {}
+    for record in records:
+        if record.get("status") != "ok" or not record.get(key):
+            continue
+        per_variant = values.setdefault(record["variant"], {})
+        for metric, value in record[key].items():
+            if value >= 0:
+                per_variant.setdefault(metric, []).append(value)
+    summary = {}
+    for variant, metrics in values.items():
+        summary[variant] = {}
+        for metric, xs in metrics.items():
+            mean = sum(xs) / len(xs)
+            var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+            summary[variant][metric] = (mean, math.sqrt(var), len(xs))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m course_lib.experiments", description=__doc__.split("\n")[0])
     parser.add_argument("grid", choices=["ablations"], help="which grid to run")
@@ -136,11 +254,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny runs, to check the machinery")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step")
+    parser.add_argument("--num-val", type=int, default=None, help="validation images")
+    parser.add_argument("--small-model", action="store_true", help="model.quick_config instead of cpu_config")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy CPU)")
     parser.add_argument("--variants", nargs="*", default=None, help="only these variants")
     args = parser.parse_args(argv)
     settings = Settings.quick() if args.quick else Settings()
-    if args.steps is not None:
-        settings = dataclasses.replace(settings, steps=args.steps)
+    for field, value in (("steps", args.steps), ("batch_size", args.batch_size), ("num_val", args.num_val),
+                         ("small_model", args.small_model or None)):
+        if value is not None:
+            settings = dataclasses.replace(settings, **{field: value})
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     grid = ablation_grid()
     if args.variants:
         unknown = sorted(set(args.variants) - set(grid))

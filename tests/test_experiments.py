@@ -1,9 +1,11 @@
 """The ablation runner: complete records, resume without redoing runs, a crash recorded as failed."""
+import dataclasses
 import json
 
 import pytest
+import torch
 
-from course_lib import experiments, model
+from course_lib import data, evaluate, experiments, model
 
 TINY = experiments.Settings(steps=2, batch_size=2, num_train=4, num_val=2)
 
@@ -25,11 +27,13 @@ def test_records_resume_and_failure(tmp_path, monkeypatch):
     assert by_name["align"]["status"] == "ok"
     assert set(by_name["align"]["box"]) == set(experiments.METRICS)
     assert set(by_name["align"]["mask"]) == set(experiments.METRICS)
+    assert set(by_name["align"]["mask_scaled"]) == {"APs", "APm", "APl"} == set(by_name["align"]["box_scaled"])
     assert by_name["align"]["config"]["pooler"] == "roi_align" and by_name["align"]["steps"] == 2
     assert {"cpu", "gpu", "torch"} <= set(by_name["align"]["machine"])
     assert by_name["broken"]["status"] == "failed" and "no_such_pooler" in by_name["broken"]["error"]
     saved = json.loads(out.read_text())
     assert saved["command"] == "test" and len(saved["runs"]) == 2
+    assert saved["settings"] == dataclasses.asdict(TINY) and saved["area_ranges_scaled"]["small"][1] > 0
 
     # A second call finds every run done: it must train nothing and keep the file as it was.
     def must_not_train(*args, **kwargs):
@@ -58,3 +62,60 @@ def test_not_a_results_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
         experiments.load_records(bad)
+
+
+def _perturbed_results(coco_gt, jitter, seed=0):
+    """Box results from the ground truth, each box shifted by up to ``jitter`` px, scores random."""
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    for ann in coco_gt["annotations"]:
+        shift = (torch.rand(4, generator=gen) * 2 - 1) * jitter
+        box = [v + float(s) for v, s in zip(ann["bbox"], shift)]
+        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": box,
+                        "score": float(torch.rand(1, generator=gen))})
+    return results
+
+
+def test_scaled_ranges_at_640_equal_pycocotools():
+    # At COCO's own image size the scaled ranges are COCO's: the numbers must equal pycocotools'.
+    coco_gt = data.to_coco(data.ShapesDataset(12, seed=3))
+    results = _perturbed_results(coco_gt, jitter=3.0)
+    ours = experiments.scaled_area_metrics(coco_gt, results, "bbox", image_size=640)
+    theirs = evaluate.coco_metrics(coco_gt, results, "bbox")
+    assert ours == {k: theirs[k] for k in ("APs", "APm", "APl")}
+    assert theirs["APl"] == -1.0 and 0 < theirs["APs"] < 1     # the caveat: no "large" at 128 px
+
+
+def test_scaled_ranges_at_128():
+    ranges = experiments.scaled_area_ranges(128)
+    assert ranges["small"][1] == pytest.approx(6.4 ** 2) and ranges["medium"][1] == pytest.approx(19.2 ** 2)
+    coco_gt = data.to_coco(data.ShapesDataset(12, seed=3))
+    areas = [a["area"] for a in coco_gt["annotations"] if not a.get("iscrowd", 0)]
+    perfect = _perturbed_results(coco_gt, jitter=0.0)
+    got = experiments.scaled_area_metrics(coco_gt, perfect, "bbox", image_size=128)
+    for name, (low, high) in zip(("APs", "APm", "APl"), list(ranges.values())[1:]):
+        populated = any(low <= a < high for a in areas)
+        assert got[name] == pytest.approx(1.0 if populated else -1.0), name
+    assert got["APl"] == pytest.approx(1.0)                              # the scaled ranges do have "large" objects
+    assert experiments.scaled_area_metrics(coco_gt, [], "bbox", 128) == {"APs": 0.0, "APm": 0.0, "APl": 0.0}
+
+
+def test_summarize_mean_std_and_not_applicable():
+    runs = [{"variant": "a", "status": "ok", "mask": {"AP": 0.1, "APl": -1.0}},
+            {"variant": "a", "status": "ok", "mask": {"AP": 0.3, "APl": 0.5}},
+            {"variant": "a", "status": "failed"},
+            {"variant": "b", "status": "ok", "mask": {"AP": 0.2}}]
+    summary = experiments.summarize(runs, "mask")
+    mean, std, n = summary["a"]["AP"]
+    assert (round(mean, 6), round(std, 6), n) == (0.2, round(0.1 * 2 ** 0.5, 6), 2)   # sample std
+    assert summary["a"]["APl"] == (0.5, 0.0, 1) and summary["b"]["AP"] == (0.2, 0.0, 1)
+
+
+def test_other_settings_refused(tmp_path, monkeypatch):
+    out = tmp_path / "results.json"
+    monkeypatch.setattr(experiments, "run_one",
+                        lambda changes, seed, settings, base=None: {"box": {}, "mask": None})
+    experiments.run_grid({"v": {}}, out, seeds=(0,), settings=TINY, progress=False)
+    longer = dataclasses.replace(TINY, steps=TINY.steps + 1)
+    with pytest.raises(ValueError, match="settings"):
+        experiments.run_grid({"v": {}}, out, seeds=(0, 1), settings=longer, progress=False)
