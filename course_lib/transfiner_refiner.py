@@ -52,6 +52,7 @@ class TransfinerConfig:
     incoherent_factor: int = 2      # down/up-sampling factor defining incoherence (paper: 2)
     incoherent_target: str = "soft"  # detector target: "soft" band (released code) or "strict" (paper's definition)
     detector_thresh: float = 0.25   # root if detector probability >= this; low: a missed root cannot be fixed
+    max_roots: int = 160            # inference: at most this many roots per RoI (most confident first)
     node_loss: str = "bce"          # node label loss: "bce", or "l1" (paper; slow to start, see refine_loss)
     max_nodes: int = 256            # nodes per attention sequence (released code: 150 per level)
     seed: int = 0                   # fixed generator for grouping nodes at inference: same input, same mask
@@ -319,12 +320,23 @@ class TransfinerRefiner(nn.Module):
         """
         coarse_probs = coarse_mask_logits.sigmoid()  # [K, 28, 28]
         incoherent_probs = self.detector(features[0], coarse_mask_logits).sigmoid()  # [K, 28, 28]
-        tree = transfiner.build_quadtree(incoherent_probs >= self.config.detector_thresh, len(self.config.sizes))
+        tree = transfiner.build_quadtree(self.select_roots(incoherent_probs), len(self.config.sizes))
         generator = torch.Generator().manual_seed(self.config.seed)
         logits, _ = self.node_logits(features, coarse_probs, tree, generator)
         node_probs = list(logits.sigmoid().split(tree.num_nodes()))
         masks = transfiner.paste_refined(coarse_probs, node_probs, tree)  # [K, 112, 112]
         return {"masks": masks, "incoherent_probs": incoherent_probs, "quadtree": tree, "node_probs": node_probs}
+
+    def select_roots(self, incoherent_probs: Tensor) -> Tensor:
+        """Roots ``Tensor[K, S, S]`` bool: probability >= ``detector_thresh``, at most ``max_roots`` per RoI.
+
+        The cap bounds inference cost (21 nodes per root) when the detector is unsure, e.g.
+        early in training; a trained detector rarely reaches it.
+        """
+        flat = incoherent_probs.flatten(1)  # [K, S*S]
+        k = min(self.config.max_roots, flat.shape[1])
+        kth = flat.topk(k, dim=1).values[:, -1:] if len(flat) else flat[:, :1]  # [K, 1]
+        return (incoherent_probs >= self.config.detector_thresh) & (incoherent_probs >= kth[:, :, None])
 
     def _check_inputs(self, features, coarse_mask_logits, gt_masks) -> None:
         sizes = self.config.sizes

@@ -301,6 +301,15 @@ def test_paper_sizes_give_112_masks():
     assert refiner.eval()(features, coarse_logits).shape == (2, 112, 112)
 
 
+def test_roots_are_capped_to_the_most_confident():
+    refiner = _small_refiner(detector_thresh=0.3, max_roots=5)
+    probs = torch.rand(4, 8, 8, generator=torch.Generator().manual_seed(0))
+    roots = refiner.select_roots(probs)
+    assert roots.flatten(1).sum(1).tolist() == [5, 5, 5, 5]
+    top5 = probs.flatten(1).topk(5, dim=1).indices
+    assert roots.flatten(1).gather(1, top5).all()
+
+
 def test_no_rois_and_no_roots():
     refiner = _small_refiner(detector_thresh=1.0)
     features, coarse_logits, gt = _inputs(num_rois=0)
