@@ -58,8 +58,12 @@ def as_rois(boxes: Tensor | list[Tensor]) -> Tensor:
     return boxes
 
 
-def _check(input: Tensor, boxes, output_size) -> tuple[Tensor, tuple[int, int]]:
-    """Validate the public arguments; return rois ``Tensor[K, 5]`` and (PH, PW)."""
+def _check(input: Tensor, boxes, output_size, spatial_scale) -> tuple[Tensor, tuple[int, int]]:
+    """Validate the public arguments; return rois ``Tensor[K, 5]`` (detached: as torchvision,
+    no gradient flows to the box coordinates) and (PH, PW)."""
+    if not (isinstance(spatial_scale, (int, float)) and spatial_scale > 0):
+        raise ValueError(f"spatial_scale must be a positive number (1 / stride), "
+                         f"got {spatial_scale!r}")
     if not isinstance(input, Tensor) or input.dim() != 4:
         shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
         raise ValueError(f"input must be a Tensor[N, C, H, W], got {shape}")
@@ -76,7 +80,7 @@ def _check(input: Tensor, boxes, output_size) -> tuple[Tensor, tuple[int, int]]:
     if rois.numel() and bool(((batch_idx < 0) | (batch_idx >= input.shape[0])).any()):
         raise ValueError(f"boxes' image indices must lie in [0, {input.shape[0] - 1}], "
                          f"got {batch_idx.min().item()}..{batch_idx.max().item()}")
-    return rois, _pair(output_size)
+    return rois.detach(), _pair(output_size)
 
 
 def _flat_features(input: Tensor) -> Tensor:
@@ -155,7 +159,7 @@ def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tup
         ``Tensor[K, C, PH, PW]``; an empty bin (box off the map) gives 0. The gradient flows to
         each bin's arg-max cell only (the first one on ties, in row-major order).
     """
-    rois, (ph, pw) = _check(input, boxes, output_size)
+    rois, (ph, pw) = _check(input, boxes, output_size, spatial_scale)
     n, c, h, w = input.shape
     k = rois.shape[0]
     if k == 0:
@@ -257,7 +261,9 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
         ``Tensor[K, C, PH, PW]``. Each output is ``sum(w_s * features[cell_s]) / count``
         over the bin's samples ``s`` and their four neighbours, ``count = max(GH*GW, 1)``.
     """
-    rois, (ph, pw) = _check(input, boxes, output_size)
+    if not isinstance(sampling_ratio, int):
+        raise ValueError(f"sampling_ratio must be an int (<= 0: adaptive), got {sampling_ratio!r}")
+    rois, (ph, pw) = _check(input, boxes, output_size, spatial_scale)
     n, c, h, w = input.shape
     k = rois.shape[0]
     if k == 0:

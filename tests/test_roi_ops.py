@@ -157,13 +157,27 @@ def test_pool_rois_fast_and_hand_built_agree(pooler, aligned):
     (dict(boxes=torch.tensor([[0.0, 0, 0, float("nan"), 1]])), "NaN"),
     (dict(output_size=0), "output_size"),
     (dict(output_size=(2, 3, 4)), "output_size"),
+    (dict(spatial_scale=0.0), "spatial_scale"),
 ])
 @pytest.mark.parametrize("op", ["roi_align", "roi_pool"])
 def test_bad_inputs_raise_value_error(bad, match, op):
-    args = dict(input=torch.randn(1, 2, 5, 5), boxes=torch.tensor([[0.0, 0, 0, 2, 2]]), output_size=2)
+    args = dict(input=torch.randn(1, 2, 5, 5), boxes=torch.tensor([[0.0, 0, 0, 2, 2]]), output_size=2,
+                spatial_scale=1.0)
     args.update(bad)
     with pytest.raises(ValueError, match=match):
-        getattr(roi_ops, op)(args["input"], args["boxes"], args["output_size"])
+        getattr(roi_ops, op)(args["input"], args["boxes"], args["output_size"], args["spatial_scale"])
+
+
+def test_roi_align_rejects_a_non_int_sampling_ratio():
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        roi_ops.roi_align(torch.randn(1, 2, 5, 5), torch.tensor([[0.0, 0, 0, 2, 2]]), 2, 1.0, 2.5)
+
+
+def test_no_gradient_to_boxes_as_torchvision():
+    boxes = torch.tensor([[0.0, 0.5, 0.5, 3.2, 3.7]], requires_grad=True)
+    out = roi_ops.roi_align(torch.randn(1, 2, 5, 5, requires_grad=True), boxes, 2, 1.0, 2, True)
+    out.sum().backward()
+    assert boxes.grad is None
 
 
 # ---------------------------------------------------------------- teaching helpers
