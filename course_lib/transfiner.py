@@ -119,7 +119,7 @@ def soft_incoherent_band(mask: Tensor, factor: int = 2, thresh: float = 0.01) ->
     """The released code's softer, wider band: bilinear down, bilinear up, |difference| > thresh.
 
     Args:
-        mask: ``Tensor[..., H, W]`` (binary or soft, values in [0, 1]).
+        mask: ``Tensor[..., H, W]`` binary (bool, uint8, or float thresholded at 0.5).
         factor: f (released code: 2). thresh: smallest change that counts (released code: 0.01).
     Returns:
         ``Tensor[..., H, W]`` bool.
@@ -137,7 +137,7 @@ def soft_incoherent_band(mask: Tensor, factor: int = 2, thresh: float = 0.01) ->
     _check_factor(mask, factor, "mask")
     if not 0.0 <= thresh < 1.0:
         raise ValueError(f"thresh must be in [0, 1); got thresh={thresh}")
-    values = mask.float()
+    values = _as_binary(mask, "mask").float()  # as the released code, which starts from bit masks
     flat = values.reshape(-1, 1, *values.shape[-2:])  # [B, 1, H, W]
     h, w = flat.shape[-2:]
     small = F.interpolate(flat, size=(h // factor, w // factor), mode="bilinear", align_corners=False)
