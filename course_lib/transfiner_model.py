@@ -177,7 +177,8 @@ class RefinedMaskRCNN(nn.Module):
                  score_thresh: float = 0.5):
         super().__init__()
         if model.config.mask_loss != "sigmoid":
-            raise ValueError(f"model.config.mask_loss={model.config.mask_loss!r}: the refiner reads sigmoid mask logits")
+            raise ValueError(f"model.config.mask_loss={model.config.mask_loss!r}: "
+                             "the refiner reads sigmoid mask logits")
         self.model, self.refiner, self.score_thresh = model, refiner, score_thresh
 
     @torch.no_grad()
@@ -194,8 +195,8 @@ class RefinedMaskRCNN(nn.Module):
         masks = upsample_coarse(coarse.sigmoid(), len(self.refiner.config.sizes))  # [K, 112, 112]
         keep = torch.cat([det["scores"] >= self.score_thresh for det in detections])  # [K]
         if keep.any():
-            features = roi_features(model, batch, maps, [r[d["scores"] >= self.score_thresh]
-                                                         for r, d in zip(rois, detections)], self.refiner.config.sizes)
+            kept_rois = [r[d["scores"] >= self.score_thresh] for r, d in zip(rois, detections)]
+            features = roi_features(model, batch, maps, kept_rois, self.refiner.config.sizes)
             masks[keep] = self.refiner.eval()(features, coarse[keep])  # [K', 112, 112]
         for det, masks, size in zip(detections, masks.split([len(r) for r in rois]), image_sizes):
             det["masks"] = mask_head.paste_masks_in_image(masks[:, None], det["boxes"], size)

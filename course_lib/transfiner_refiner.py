@@ -50,7 +50,7 @@ class TransfinerConfig:
     ffn_dim: int = 128              # hidden width of each feed-forward layer
     detector_channels: int = 64     # width of the detector's four 3x3 convs
     incoherent_factor: int = 2      # down/up-sampling factor defining incoherence (paper: 2)
-    incoherent_target: str = "soft"  # detector target: "soft" band (released code) or "strict" (paper's definition)
+    incoherent_target: str = "soft"  # detector target: "soft" band (released code) or "strict" (paper)
     detector_thresh: float = 0.25   # root if detector probability >= this; low: a missed root cannot be fixed
     max_roots: int = 160            # inference: at most this many roots per RoI (most confident first)
     node_loss: str = "bce"          # node label loss: "bce", or "l1" (paper; slow to start, see refine_loss)
@@ -176,9 +176,9 @@ def node_sequences(roi_index: Tensor, max_len: int, generator: torch.Generator |
         ``index: Tensor[B, L]`` int64 node indices (0 where padded) and
         ``padding: Tensor[B, L]`` bool, True at padded slots (``src_key_padding_mask``).
 
-    Attention over all ~21 nodes per root of a large RoI costs O(P^2); random groups keep the
-    cost linear in P while each group still sees nodes from the whole RoI and all levels. The
-    released code likewise samples 150 nodes per level in training.
+    Attention over all nodes of a RoI (21 per root) costs O(P^2); random groups keep it linear
+    in P, each group still spanning the whole RoI and all levels. (The released code samples
+    150 nodes per level in training.)
     """
     count = len(roi_index)
     perm = torch.randperm(count, generator=generator).to(roi_index.device)
@@ -282,7 +282,7 @@ class TransfinerRefiner(nn.Module):
         index, padding = node_sequences(roi_index, self.config.max_nodes, generator, first_only)  # [B, L]
         refined = torch.zeros(len(roi_index), dtype=torch.bool, device=roi_index.device)
         refined[index[~padding]] = True
-        chosen = [part for part in refined.split(quadtree.num_nodes())]
+        chosen = refined.split(quadtree.num_nodes())
         tokens = self.node_encoder(features, coarse_probs, [n[c] for n, c in zip(quadtree.nodes, chosen)])
         logits = tokens.new_zeros(len(roi_index))
         if index.numel() == 0:
@@ -294,7 +294,7 @@ class TransfinerRefiner(nn.Module):
 
     def losses(self, features: Sequence[Tensor], coarse_mask_logits: Tensor,
                gt_masks: Sequence[Tensor]) -> dict[str, Tensor]:
-        """Training: detector BCE against the ground truth's incoherent regions, L1 on node labels.
+        """Training: detector BCE against the ground truth's incoherent regions, node-label loss.
 
         The quadtree's roots are the ground truth's incoherent cells plus the cells the
         detector currently predicts (detached): the refiner learns where it will be asked at
@@ -325,7 +325,8 @@ class TransfinerRefiner(nn.Module):
         logits, _ = self.node_logits(features, coarse_probs, tree, generator)
         node_probs = list(logits.sigmoid().split(tree.num_nodes()))
         masks = transfiner.paste_refined(coarse_probs, node_probs, tree)  # [K, 112, 112]
-        return {"masks": masks, "incoherent_probs": incoherent_probs, "quadtree": tree, "node_probs": node_probs}
+        return {"masks": masks, "incoherent_probs": incoherent_probs, "quadtree": tree,
+                "node_probs": node_probs}
 
     def select_roots(self, incoherent_probs: Tensor) -> Tensor:
         """Roots ``Tensor[K, S, S]`` bool: probability >= ``detector_thresh``, at most ``max_roots`` per RoI.
@@ -348,9 +349,11 @@ class TransfinerRefiner(nn.Module):
                              f"got {tuple(coarse_mask_logits.shape)}")
         for level, (maps, size) in enumerate(zip(features, sizes)):
             if maps.dim() != 4 or maps.shape[0] != num_rois or tuple(maps.shape[-2:]) != (size, size):
-                raise ValueError(f"features[{level}] must be [{num_rois}, C, {size}, {size}]; got {tuple(maps.shape)}")
+                raise ValueError(f"features[{level}] must be [{num_rois}, C, {size}, {size}]; "
+                                 f"got {tuple(maps.shape)}")
         if self.training and (gt_masks is None or len(gt_masks) != len(sizes)):
-            raise ValueError(f"training needs gt_masks, one [K, S, S] per level {sizes}; got {type(gt_masks).__name__}")
+            raise ValueError(f"training needs gt_masks, one [K, S, S] per level {sizes}; "
+                             f"got {type(gt_masks).__name__}")
         for level, gt in enumerate(gt_masks if self.training else ()):
             if tuple(gt.shape) != (num_rois, sizes[level], sizes[level]):
                 raise ValueError(f"gt_masks[{level}] must be [{num_rois}, {sizes[level]}, {sizes[level]}]; "
