@@ -7,6 +7,7 @@ Public names: ``open_notebook``, ``run_all_and_wait``, ``assert_cells_ok``,
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -39,9 +40,11 @@ def _prompts(page: Page) -> list[str]:
         .map(c => (c.querySelector('.jp-InputPrompt')?.innerText || '').trim())""")
 
 
-def run_all_and_wait(page: Page, timeout_s: float = 240) -> None:
+def run_all_and_wait(page: Page, timeout_s: float | None = None) -> None:
     """Run > Run All Cells from the menu bar; wait until every code prompt is numbered and the
-    kernel has been idle for a second."""
+    kernel has been idle for a second (at most ``COURSE_BROWSER_RUN_TIMEOUT`` s, default 480:
+    a quick-mode chapter takes < 90 s on an idle 2-core machine)."""
+    timeout_s = timeout_s or float(os.environ.get("COURSE_BROWSER_RUN_TIMEOUT", 480))
     page.locator(".jp-Notebook").first.click(position={"x": 5, "y": 5})
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()

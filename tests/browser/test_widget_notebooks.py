@@ -17,8 +17,14 @@ def _needs(notebook: str):
 
 
 def _numbers(values: dict[str, str], prefix: str) -> dict[str, float]:
-    return {k.removeprefix(prefix): float(v) for k, v in values.items()
-            if not k.endswith("readout")}
+    """The numeric widget values by class suffix (read-outs, figures and the like left out)."""
+    numbers = {}
+    for key, value in values.items():
+        try:
+            numbers[key.removeprefix(prefix)] = float(value)
+        except ValueError:
+            pass
+    return numbers
 
 
 # ---- 02: anchors over the image, matched to a ground-truth box ------------------------------
@@ -101,11 +107,15 @@ NB07 = "notebooks/07_fpn.ipynb"
 
 
 def _fpn_spec() -> widget_check.WidgetSpec:
-    from course_lib import fpn
+    from course_lib import config, fpn
+
+    canonical_size = config.ModelConfig().canonical_size
 
     def expected(values):
         size = _numbers(values, "course-fpn-")["size"]
-        return [f"P{fpn.level_for_box_size(size)}"]
+        summary = fpn.level_summary(size, canonical_size=canonical_size)
+        return [summary["text"], f"P{fpn.level_for_box_size(size, canonical_size=canonical_size)}",
+                "pooled feature: (1, ", ", 7, 7)"]
 
     # Several steps, so the box size moves far enough to matter; the level may stay the same,
     # and the read-out must still name the level the library assigns.
