@@ -257,3 +257,17 @@ def test_mask_roundtrip_roialign_beats_roipool_on_a_small_circle():
     pasted, iou_align = roi_teaching.mask_roundtrip(mask, box, 8, 14, "roi_align")
     assert pasted.shape == mask.shape and pasted.dtype == torch.uint8
     assert iou_align > iou_pool and iou_align > 0.7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("op", ["roi_align", "roi_pool"])
+def test_cuda_matches_torchvision(op):
+    features, rois, scale = random_case(11)
+    features, rois = features.cuda().requires_grad_(), rois.cuda()
+    kwargs = {"sampling_ratio": -1, "aligned": True} if op == "roi_align" else {}
+    ours = getattr(roi_ops, op)(features, rois, 5, scale, **kwargs)
+    theirs = getattr(torchvision.ops, op)(features, rois, 5, scale, **kwargs)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    grad_ours, = torch.autograd.grad(ours.sum(), features)
+    grad_theirs, = torch.autograd.grad(theirs.sum(), features)
+    torch.testing.assert_close(grad_ours, grad_theirs, atol=1e-5, rtol=0)
