@@ -1,7 +1,7 @@
 """Mask Transfiner, part 1: incoherent regions, the quadtree over them, and pasting refined labels back.
 
 Mask R-CNN predicts each mask on a 28x28 grid, so boundaries come out blurred once the mask is
-stretched over a large box. Mask Transfiner (Ke et al., CVPR 2022, §3.1-3.2) observes that the
+stretched over a large box. Mask Transfiner (Ke et al., CVPR 2022, §3) observes that the
 information lost by a coarse grid sits in a thin band: *incoherent regions*, the pixels that
 change when a mask is downsampled and upsampled again. Most wrong pixels lie there (the paper:
 incoherent regions cover ~14% of a box and hold ~43% of its wrong pixels), so refining only
@@ -87,7 +87,7 @@ def incoherent_mask(mask: Tensor, factor: int = 2) -> Tensor:
     Returns:
         ``Tensor[..., H, W]`` bool, ``upsample_nearest(downsample_mask(mask)) XOR mask``.
 
-    This is the definition the chapter teaches (Mask Transfiner §3.1, "lossy" pixels): exact,
+    This is the definition the chapter teaches (Mask Transfiner §3, information loss): exact,
     hand-checkable, and it is exactly the information a grid f times coarser cannot hold.
     Precisely: down = majority vote per f x f block (average pool, >= 0.5), up = nearest. So
     an f x f block that is all object or all background is never incoherent, and a block that
@@ -192,7 +192,7 @@ def build_quadtree(incoherent_roots: Tensor, num_levels: int = 3,
     Returns:
         ``Quadtree`` with ``sizes = (S, 2S, 4S, ...)``.
 
-    Mask Transfiner §3.2: a point of the 28x28 grid covers four points at 56 and sixteen at
+    Mask Transfiner §3: a point of the 28x28 grid covers four points at 56 and sixteen at
     112, so refining along the tree keeps every finer node tied to the coarse cell it details.
     The full tree is what inference uses (the detector only predicts at 28); the filtered tree
     shows how much a finer incoherence map would prune.

@@ -1,6 +1,6 @@
 """Mask Transfiner, part 2: the learned refinement stage on top of Mask R-CNN's 28x28 masks.
 
-Mask Transfiner (Ke et al., CVPR 2022, §3.2-3.4) refines only the incoherent regions:
+Mask Transfiner (Ke et al., CVPR 2022, §3) refines only the incoherent regions:
 1. an *incoherent-region detector* (a small FCN on the 28x28 RoI features and the coarse mask)
    marks the 28x28 cells to refine; they are the roots of a quadtree over 28 -> 56 -> 112;
 2. a *node encoder* turns every quadtree node into a vector: the fine-grained RoI feature at
@@ -74,7 +74,7 @@ class IncoherentDetector(nn.Module):
     """Four 3x3 convs and a 1x1 binary classifier on [RoI features, coarse mask logit] at 28x28.
 
     ``forward(features: Tensor[K, C, S, S], coarse_mask_logits: Tensor[K, S, S]) -> Tensor[K, S, S]``
-    logits that a cell is incoherent. Mask Transfiner §3.3 (the paper then upsamples this map
+    logits that a cell is incoherent. Mask Transfiner §3 (the paper then upsamples this map
     and fuses it with finer levels; we predict at the coarsest level only and let the quadtree
     carry the roots down, as the released code does).
     """
@@ -133,7 +133,7 @@ class NodeEncoder(nn.Module):
     """Node vectors from fine feature, 3x3 context, coarse mask value, position and level.
 
     ``forward(features, coarse_probs, nodes_per_level) -> Tensor[P, D]``, the nodes of all
-    levels concatenated in level order. Mask Transfiner §3.4. The paper
+    levels concatenated in level order. Mask Transfiner §3. The paper
     describes the 3x3 neighbourhood context; its released code does not have it (it uses the
     feature at the node only). The learned level embedding is ours: it tells the encoder which
     grid a node lives on.
