@@ -65,13 +65,18 @@ def paper_example(image_size: int = 800, stride: int = 32, box_size: float = 665
 
 def roi_pool_cells(box, stride: float, output_size: int | tuple[int, int] = 7,
                    feature_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
-    """RoIPool's bins for one box: ``y_bins [PH, 2]`` and ``x_bins [PW, 2]`` int64 (start, end)
-    in cells (end excluded), plus ``box_cells`` ``[4]`` (x1, y1, x2, y2) before rounding."""
+    """RoIPool's two quantizations for one box, in cells.
+
+    Returns ``box_cells`` ``[4]`` (x1, y1, x2, y2 before rounding), ``rounded_cells`` int64
+    ``[4]`` (quantization 1; the end cell is included), and ``y_bins [PH, 2]``, ``x_bins [PW, 2]``
+    int64 (start, end) per bin, end excluded (quantization 2, clipped to ``feature_size``).
+    """
     _check_stride(stride)
     size = roi_ops._pair(output_size)
     feature_size = feature_size or (_BIG, _BIG)
     y0, y1, x0, x1 = roi_ops.roi_pool_bins(_rois(box), size, 1.0 / stride, feature_size)
-    return {"box_cells": _rois(box)[0, 1:] / stride,
+    box_cells = _rois(box)[0, 1:] / stride  # [4]
+    return {"box_cells": box_cells, "rounded_cells": roi_ops._round_half_away(box_cells).long(),
             "y_bins": torch.stack([y0[0], y1[0]], 1), "x_bins": torch.stack([x0[0], x1[0]], 1)}
 
 

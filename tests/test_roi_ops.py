@@ -191,6 +191,10 @@ def test_paper_worked_example():
     assert round(ex["align_bin_cells"], 2) == 2.97 and ex["samples_per_bin"] == 4
     # torchvision's RoIPool rounds 20.78 up to 21 and counts the end cell: 22 cells
     assert ex["torchvision_roi_cells"] == 22
+    cells = roi_teaching.roi_pool_cells([0, 0, 665, 665], 32, 7, (25, 25))
+    assert cells["rounded_cells"].tolist() == [0, 0, 21, 21]
+    assert cells["x_bins"][:, 0].tolist() == [math.floor(i * 22 / 7) for i in range(7)]
+    assert cells["x_bins"][:, 1].tolist() == [min(math.ceil((i + 1) * 22 / 7), 25) for i in range(7)]
 
 
 def test_roi_pool_cells_are_the_bins_roi_pool_maxes_over():
