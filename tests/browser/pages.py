@@ -40,22 +40,34 @@ def _prompts(page: Page) -> list[str]:
         .map(c => (c.querySelector('.jp-InputPrompt')?.innerText || '').trim())""")
 
 
+def _menu(page: Page, menu: str, item: str) -> None:
+    page.get_by_role("menuitem", name=menu, exact=True).click()
+    page.get_by_role("menuitem", name=re.compile("^" + re.escape(item))).click()
+
+
 def run_all_and_wait(page: Page, timeout_s: float | None = None) -> None:
-    """Run > Run All Cells from the menu bar; wait until every code prompt is numbered and the
-    kernel has been idle for a second (at most ``COURSE_BROWSER_RUN_TIMEOUT`` s, default 480:
-    a quick-mode chapter takes < 90 s on an idle 2-core machine)."""
+    """Edit > Clear Outputs of All Cells, then Run > Run All Cells; wait until no cell is queued
+    (`[*]:`) and the kernel has been idle for 1.5 s (at most ``COURSE_BROWSER_RUN_TIMEOUT`` s,
+    default 480: a quick-mode chapter takes < 90 s on an idle 2-core machine).
+
+    Clearing first turns the saved prompts into `[ ]:`, so a numbered prompt proves this run
+    executed it; a cell that fails stops Run All, and ``assert_cells_ok`` names what was left.
+    """
     timeout_s = timeout_s or float(os.environ.get("COURSE_BROWSER_RUN_TIMEOUT", 480))
     page.locator(".jp-Notebook").first.click(position={"x": 5, "y": 5})
-    page.get_by_role("menuitem", name="Run", exact=True).click()
-    page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
-    deadline, idle_since = time.monotonic() + timeout_s, None
+    _menu(page, "Edit", "Clear Outputs of All Cells")
+    _menu(page, "Run", "Run All Cells")
+    start = time.monotonic()
+    deadline, idle_since = start + timeout_s, None
     while time.monotonic() < deadline:
         prompts = _prompts(page)
-        done = prompts and all(_DONE_PROMPT.match(p) for p in prompts)
-        idle = page.get_by_text(KERNEL_IDLE, exact=True).is_visible()
-        if done and idle:
+        started = any(p == "[*]:" or _DONE_PROMPT.match(p) for p in prompts)
+        if not started and time.monotonic() - start > 30:
+            raise AssertionError(f"Run All did nothing within 30 s; prompts: {prompts}")
+        settled = started and "[*]:" not in prompts
+        if settled and page.get_by_text(KERNEL_IDLE, exact=True).is_visible():
             idle_since = idle_since or time.monotonic()
-            if time.monotonic() - idle_since > 1.0:
+            if time.monotonic() - idle_since > 1.5:
                 return
         else:
             idle_since = None
@@ -64,12 +76,12 @@ def run_all_and_wait(page: Page, timeout_s: float | None = None) -> None:
 
 
 def assert_cells_ok(page: Page) -> None:
-    """No code cell left unrun (`[ ]:`, `[*]:`) and no traceback in any output."""
-    prompts = _prompts(page)
-    assert prompts and all(_DONE_PROMPT.match(p) for p in prompts), f"unrun cells: {prompts}"
+    """No traceback in any output and no code cell left unrun (`[ ]:`, `[*]:`)."""
     errors = page.evaluate("""() => [...document.querySelectorAll('.jp-OutputArea-output')]
         .map(o => o.innerText).filter(t => /Traceback \\(most recent call last\\)|^\\w*Error: /m.test(t))""")
     assert not errors, f"error output in the notebook:\n{errors[0][:2000]}"
+    prompts = _prompts(page)
+    assert prompts and all(_DONE_PROMPT.match(p) for p in prompts), f"unrun cells: {prompts}"
 
 
 def page_warnings(page: Page) -> list[str]:
