@@ -206,7 +206,8 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
         raise ValueError(f"{out} holds runs with settings={previous.get('settings')}, not "
                          f"{dataclasses.asdict(settings)}; use another --out to change settings")
     done = {(r["variant"], r["seed"]) for r in records}
-    todo = [(name, seed) for name in grid for seed in seeds if (name, seed) not in done]
+    # seed-major order: a grid stopped early still has every variant at the same seeds
+    todo = [(name, seed) for seed in seeds for name in grid if (name, seed) not in done]
     header = {"command": command or previous.get("command", ""), "settings": dataclasses.asdict(settings),
               "area_ranges_scaled": scaled_area_ranges(settings.image_size)}
     for name, seed in tqdm(todo, desc="grid", disable=not progress):
@@ -256,13 +257,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per run")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step")
     parser.add_argument("--num-val", type=int, default=None, help="validation images")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    parser.add_argument("--schedule", choices=train.SCHEDULES, default=None, help="learning-rate decay")
     parser.add_argument("--small-model", action="store_true", help="model.quick_config instead of cpu_config")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy CPU)")
     parser.add_argument("--variants", nargs="*", default=None, help="only these variants")
     args = parser.parse_args(argv)
     settings = Settings.quick() if args.quick else Settings()
     for field, value in (("steps", args.steps), ("batch_size", args.batch_size), ("num_val", args.num_val),
-                         ("small_model", args.small_model or None)):
+                         ("lr", args.lr), ("schedule", args.schedule), ("small_model", args.small_model or None)):
         if value is not None:
             settings = dataclasses.replace(settings, **{field: value})
     if args.threads is not None:
