@@ -69,8 +69,8 @@ def check_widget_notebook(page, server, spec: WidgetSpec, artifacts: Path) -> di
     slider.scroll_into_view_if_needed()
     before, text_before = _wait_readout_matches(page, spec)
     src_before = pages.figure_src(page, slider)
-    cell = slider.locator("xpath=ancestor::div[contains(@class,'jp-Cell ')][1]")
-    cell.screenshot(path=str(artifacts / f"{spec.name}-before.png"))
+    outputs = slider.locator("xpath=ancestor::div[contains(@class,'jp-Cell-outputArea')][1]")
+    outputs.screenshot(path=str(artifacts / f"{spec.name}-before.png"))
 
     pages.press_slider(slider, spec.key, spec.presses)
     pages.wait_changed(lambda: pages.widget_values(page, spec.prefix)[name],
@@ -80,5 +80,5 @@ def check_widget_notebook(page, server, spec: WidgetSpec, artifacts: Path) -> di
     after, text_after = _wait_readout_matches(page, spec)
     assert after[name] != before[name]
     page.wait_for_timeout(300)  # let the new PNG paint before the screenshot
-    cell.screenshot(path=str(artifacts / f"{spec.name}-after.png"))
+    outputs.screenshot(path=str(artifacts / f"{spec.name}-after.png"))
     return {"before": before, "after": after, "text_before": text_before, "text_after": text_after}
