@@ -83,12 +83,12 @@ def _check(input: Tensor, boxes, output_size, spatial_scale) -> tuple[Tensor, tu
     return rois.detach(), _pair(output_size)
 
 
-def _flat_features(input: Tensor) -> Tensor:
-    """``[N, C, H, W]`` -> ``[N*H*W + 1, C]``: one row per feature cell, channels contiguous, and
-    a last all-zero row that padded index entries point at."""
+def _flat_features(input: Tensor, zero_rows: int = 0) -> Tensor:
+    """``[N, C, H, W]`` -> ``[N*H*W + zero_rows, C]``: one row per feature cell with its channels
+    contiguous (so one index fetches a whole feature vector), then ``zero_rows`` rows of zeros."""
     n, c, h, w = input.shape
     rows = input.permute(0, 2, 3, 1).reshape(n * h * w, c)  # [N*H*W, C]
-    return torch.cat([rows, rows.new_zeros(1, c)])  # [N*H*W + 1, C]
+    return torch.cat([rows, rows.new_zeros(zero_rows, c)]) if zero_rows else rows
 
 
 def _round_half_away(x: Tensor) -> Tensor:
@@ -133,15 +133,14 @@ def _bin_max(index: Tensor, rows: Tensor, pad: int) -> Tensor:
     """Max of ``rows[index[b]]`` per bag ``b``, per channel: ``[B, L]``, ``[R, C]`` -> ``[B, C]``.
 
     ``embedding_bag`` finds the arg-max rows without gathering ``[B, L, C]`` (entries equal to
-    ``pad`` are skipped; an all-``pad`` bag is empty and gives 0); a ``gather`` of those rows then
-    gives autograd RoIPool's gradient, which goes only to each bin's arg-max cell.
+    ``pad`` are skipped); a ``gather`` of those rows then gives autograd RoIPool's gradient, which
+    goes only to each bin's arg-max cell (the first of equal values, as torchvision's strict ``>``).
     """
     b, l = index.shape
     with torch.no_grad():
         offsets = torch.arange(0, b * l, l, device=index.device)  # bag b = index[b * l:(b + 1) * l]
-        _, _, bag_size, argmax = torch.embedding_bag(rows, index.reshape(-1), offsets, False, 2,
-                                                     False, None, False, pad)  # mode 2 = max
-        argmax = torch.where(bag_size[:, None] > 0, argmax, pad)  # [B, C], empty bins -> zero row
+        argmax = torch.embedding_bag(rows, index.reshape(-1), offsets, False, 2, False, None,
+                                     False, pad)[3]  # mode 2 = max; [B, C] row of each max
     return rows.gather(0, argmax)  # [B, C]
 
 
@@ -173,9 +172,13 @@ def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tup
     index = (base[:, None, None, None, None] + (ys * w)[:, :, None, :, None]
              + xs[:, None, :, None, :])  # [K, PH, PW, MH, MW]
     valid = (ys < y1[:, :, None])[:, :, None, :, None] & (xs < x1[:, :, None])[:, None, :, None, :]
-    pad = n * h * w  # the all-zero row: excluded from the max, and empty bins give 0
-    index = torch.where(valid, index, pad).reshape(k * ph * pw, mh * mw)
-    pooled = _bin_max(index, _flat_features(input), pad)  # [K*PH*PW, C]
+    # bins are padded to MH x MW cells with the skipped row `pad`; an empty bin (box off the
+    # map) holds one entry: the all-zero row after it, so its max is 0
+    pad = n * h * w
+    index = torch.where(valid, index, pad)
+    index[..., 0, 0] = torch.where(valid[..., 0, 0], index[..., 0, 0], pad + 1)
+    index = index.reshape(k * ph * pw, mh * mw)  # [K*PH*PW, MH*MW]
+    pooled = _bin_max(index, _flat_features(input, zero_rows=2), pad)  # [K*PH*PW, C]
     return pooled.reshape(k, ph, pw, c).permute(0, 3, 1, 2).contiguous()  # [K, C, PH, PW]
 
 
@@ -279,7 +282,7 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
     weight = (wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :]
               / count[:, None, None, None, None, None, None])
     entries = index.shape[3] * index.shape[4] * 4  # GH * GW * 4 per bin
-    pooled = F.embedding_bag(index.reshape(k * ph * pw, entries), _flat_features(input)[:-1],
+    pooled = F.embedding_bag(index.reshape(k * ph * pw, entries), _flat_features(input),
                              per_sample_weights=weight.reshape(k * ph * pw, entries),
                              mode="sum")  # [K*PH*PW, C]
     return pooled.reshape(k, ph, pw, c).permute(0, 3, 1, 2).contiguous()  # [K, C, PH, PW]
