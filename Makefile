@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[browser]'
 	touch $(STAMP)
 
+# Trust the committed outputs, so saved widgets and figures render instead of "not trusted".
 lab: install
+	$(PY) -m jupyter trust notebooks/[0-9][0-9]_*.ipynb
 	$(PY) -m jupyter lab $(ROOT_FLAG) --notebook-dir=notebooks
 
 test: install test-unit test-notebooks
