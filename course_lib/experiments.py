@@ -122,7 +122,7 @@ class Settings:
 
     @staticmethod
     def quick() -> "Settings":
-        return Settings(steps=3, batch_size=2, num_train=8, num_val=4, small_model=True)
+        return Settings(steps=2, batch_size=2, num_train=4, num_val=2, small_model=True)
 
 
 def scaled_area_ranges(image_size: int) -> dict[str, tuple[float, float]]:
