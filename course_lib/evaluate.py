@@ -55,13 +55,15 @@ def predict(model: nn.Module, dataset, indices: list[int] | None = None, batch_s
     return [det for batch in _batches(model, dataset, indices, batch_size, device) for det in batch]
 
 
-def coco_results(detections: list[dict[str, Tensor]]) -> tuple[list[dict], list[dict]]:
+def coco_results(detections: list[dict[str, Tensor]],
+                 label_to_cat_id: dict[int, int] | None = None) -> tuple[list[dict], list[dict]]:
     """Detections -> COCO result lists ``(bbox_results, segm_results)``.
 
     Boxes become ``[x, y, w, h]``; masks are thresholded at 0.5 and run-length encoded with
     pycocotools (``counts`` decoded to ``str`` so the results are JSON-serialisable). ``image_id``
     must be a Python ``int`` equal to the ground truth's: a tensor or a string id silently matches
-    nothing and gives AP 0 (a classic pitfall). ``category_id`` is the label (1..L-1).
+    nothing and gives AP 0 (a classic pitfall). ``category_id`` is the label (1..L-1), mapped
+    through ``label_to_cat_id`` when given (real COCO ids run 1..90 with gaps, labels do not).
     """
     bbox_results, segm_results = [], []
     for det in detections:
@@ -69,7 +71,8 @@ def coco_results(detections: list[dict[str, Tensor]]) -> tuple[list[dict], list[
         xywh = det["boxes"].clone()
         xywh[:, 2:] -= xywh[:, :2]
         for j, (box, score, label) in enumerate(zip(xywh.tolist(), det["scores"].tolist(), det["labels"].tolist())):
-            result = {"image_id": image_id, "category_id": int(label), "bbox": box, "score": score}
+            category = label_to_cat_id[label] if label_to_cat_id else int(label)
+            result = {"image_id": image_id, "category_id": category, "bbox": box, "score": score}
             bbox_results.append(result)
             if "masks" in det:
                 binary = np.asfortranarray((det["masks"][j, 0] > 0.5).numpy().astype(np.uint8))
@@ -126,7 +129,7 @@ def coco_evaluate(model: nn.Module, dataset, batch_size: int = 8,
     bbox_results, segm_results, has_masks = [], [], False
     for batch in _batches(model, dataset, list(range(len(dataset))), batch_size, device):
         has_masks = has_masks or any("masks" in det for det in batch)
-        b, s = coco_results(batch)
+        b, s = coco_results(batch, getattr(dataset, "label_to_cat_id", None))
         bbox_results += b
         segm_results += s
     metrics = {"bbox": coco_metrics(coco_gt, bbox_results, "bbox", verbose)}

@@ -81,3 +81,20 @@ def test_voc_ap_hand_worked():
     assert result["per_class"][1] == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
     assert result["per_class"][2] == 0.0
     assert result["mAP"] == pytest.approx((0.5 + 1 / 3) / 2)
+
+
+def test_coco_evaluate_maps_labels_back_to_category_ids(dataset, tmp_path):
+    # Real COCO category ids have gaps (1..90): labels 1..K must be mapped back before scoring.
+    import json
+    folder = data.save_coco(dataset, tmp_path)
+    annotations = folder / "annotations.json"
+    coco = json.loads(annotations.read_text())
+    new_id = {1: 7, 2: 42, 3: 90}
+    for cat in coco["categories"]:
+        cat["id"] = new_id[cat["id"]]
+    for ann in coco["annotations"]:
+        ann["category_id"] = new_id[ann["category_id"]]
+    annotations.write_text(json.dumps(coco))
+    coco_ds = data.CocoDataset(folder / "images", annotations)
+    metrics = evaluate.coco_evaluate(_Oracle(coco_ds), coco_ds, batch_size=3)
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
