@@ -83,13 +83,16 @@ def coco_results(detections: list[dict[str, Tensor]],
 
 
 def coco_metrics(coco_gt: dict | COCO, results: list[dict], iou_type: str = "bbox",
-                 verbose: bool = False) -> dict[str, float]:
+                 verbose: bool = False, area_ranges: dict[str, tuple[float, float]] | None = None
+                 ) -> dict[str, float]:
     """pycocotools' COCOeval on one result list: ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}``.
 
     Args:
         coco_gt: the ground truth as a COCO dict (``data.to_coco``) or a ``COCO`` object.
         results: COCO results (``coco_results``); an empty list scores 0 everywhere.
         iou_type: "bbox" or "segm". ``verbose`` shows pycocotools' printed table.
+        area_ranges: ``{"all", "small", "medium", "large"} -> (min, max)`` px^2 replacing COCO's
+            fixed 32^2 / 96^2 limits (for images much smaller than COCO's).
     A size range with no ground truth gets -1 from pycocotools (kept: "not applicable").
     """
     if iou_type not in ("bbox", "segm"):
@@ -100,6 +103,9 @@ def coco_metrics(coco_gt: dict | COCO, results: list[dict], iou_type: str = "bbo
     with contextlib.redirect_stdout(out):
         gt = coco_gt if isinstance(coco_gt, COCO) else _coco_from_dict(coco_gt)
         evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
+        if area_ranges is not None:
+            evaluator.params.areaRng = [list(r) for r in area_ranges.values()]
+            evaluator.params.areaRngLbl = list(area_ranges)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()

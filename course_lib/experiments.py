@@ -27,9 +27,7 @@ Public names: ``METRICS``, ``PAPER_TABLE2``, ``ablation_grid``, ``Settings``, ``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -41,8 +39,6 @@ import traceback
 from pathlib import Path
 
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from tqdm.auto import tqdm
 
 from course_lib import data, evaluate, model, train, utils
@@ -141,20 +137,8 @@ def scaled_area_metrics(coco_gt: dict, results: list[dict], iou_type: str, image
 
     A range with no ground truth gives -1 (pycocotools' "not applicable"); no results give 0.
     """
-    if not results:
-        return {name: 0.0 for name in SIZE_METRICS}
-    ranges = scaled_area_ranges(image_size)
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = coco_gt
-        gt.createIndex()
-        evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
-        evaluator.params.areaRng = [list(r) for r in ranges.values()]
-        evaluator.params.areaRngLbl = list(ranges)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {name: float(value) for name, value in zip(SIZE_METRICS, evaluator.stats[3:6])}
+    metrics = evaluate.coco_metrics(coco_gt, results, iou_type, area_ranges=scaled_area_ranges(image_size))
+    return {name: metrics[name] for name in SIZE_METRICS}
 
 
 def _evaluate(net, val_set, settings: Settings) -> dict:
