@@ -33,7 +33,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -96,11 +95,7 @@ def _load(path: Path) -> dict:
 
 def save_records(path: Path, records: list[dict], header: dict) -> None:
     """Write all records atomically: a crash mid-write never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({**header, "runs": records}, f, indent=1)
-    os.replace(tmp, path)
+    utils.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({**header, "runs": records}, indent=1)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from course_lib import data, distributed, evaluate
+from course_lib import data, distributed, evaluate, utils
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 
@@ -121,19 +119,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler, st
     """Write everything a resume needs, atomically: a temp file in the same folder, then
     ``os.replace`` (atomic on POSIX), so a crash mid-write never leaves a truncated checkpoint.
     ``extra`` adds entries (``fit``: the grad scaler, the configuration, each rank's RNG state)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "step": step, "history": history,
              "rng": _rng_state(), **(extra or {})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    utils.atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, scheduler=None) -> dict:

@@ -1,13 +1,15 @@
 """Small helpers every chapter uses: seeding, quick mode, the device, showing library source.
 
 Public names: ``seed_everything``, ``quick_mode``, ``device``, ``show_source``, ``repo_root``,
-``generated_dir``.
+``generated_dir``, ``atomic_write``.
 """
 from __future__ import annotations
 
 import inspect
 import os
 import random
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +59,21 @@ def generated_dir(*parts: str) -> Path:
     path = repo_root().joinpath("data", "generated", *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temp file beside ``path``, then ``os.replace`` it into place.
+
+    The rename is atomic on POSIX, so a crash mid-write leaves the old file whole, never a
+    truncated one (checkpoints, experiment results); a failed write leaves no temp file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
