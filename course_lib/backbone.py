@@ -9,8 +9,9 @@ Both follow one contract, so ``course_lib.model`` picks one with a plain ``if``:
   C_l of shape ``[N, out_channels[l], H / strides[l], W / strides[l]]``;
 * ``out_channels: list[int]`` and ``strides: list[int]`` (pixels per feature cell) per output.
 
-Without FPN the model uses the last output only: C4 (stride 16, the paper's "ResNet-C4" backbone)
-or C5 (stride 32). With FPN all four stages C2..C5 (strides 4, 8, 16, 32) go to the pyramid.
+Without FPN the model uses the last output only: C4 (stride 16, the paper's "ResNet-C4" backbone),
+C5 (stride 32), or C3 (stride 8: the CPU preset's choice, because the shapes are 6-50 px and a
+stride-16 cell is already larger than the smallest of them). With FPN all four stages C2..C5 (strides 4, 8, 16, 32) go to the pyramid.
 A stride-s feature cell covers s x s image pixels, so box coordinates in pixels map to feature
 cells by ``spatial_scale = 1 / s``: the number chapter 04's RoIPool quantizes and RoIAlign keeps.
 """
@@ -71,7 +72,7 @@ class ResidualBlock(nn.Module):
 
 
 def _num_stages(config: ModelConfig) -> int:
-    """Stages to build: up to ``config.stride`` (C4 for 16, C5 for 32), all four with FPN."""
+    """Stages to build: up to ``config.stride`` (C3 for 8, C4 for 16, C5 for 32), all four with FPN."""
     return 4 if config.fpn else STAGE_STRIDES.index(config.stride) + 1
 
 

@@ -1,7 +1,9 @@
 """``ModelConfig``: every choice and size of the course's Faster/Mask R-CNN in one frozen dataclass.
 
-The defaults are sized for the 128 px shapes images on a 2-core CPU (light heads, few proposals),
-with the paper's value named in each comment where ours differs. Ablations never mutate a
+The defaults are the paper's ResNet-C4 design scaled to the 128 px shapes images (light heads, few
+proposals), with the paper's value named in each comment where ours differs. The chapters train
+``model.cpu_config()``, which changes a few of them for small objects and a 2-core CPU (see
+``model.CPU_RECIPE``). Ablations never mutate a
 config: they make a new one with ``dataclasses.replace(config, pooler="roi_pool")``.
 ``course_lib.model`` re-exports it as ``model.ModelConfig``.
 """
@@ -20,7 +22,7 @@ class ModelConfig:
 
     # ---- backbone ------------------------------------------------------------------------
     backbone: str = "tiny"          # "tiny" (from scratch, CPU) or "resnet50" (GPU chapter)
-    stride: int = 16                # output stride without FPN: 16 = paper's C4, 32 = C5
+    stride: int = 16                # output stride without FPN: 16 = paper's C4, 32 = C5, 8 = C3 (CPU preset)
     width: int = 64                 # channels of the tiny backbone's first stage
     norm: str = "bn"                # "bn" (BatchNorm) or "gn" (GroupNorm, small batches)
     fpn: bool = False               # feature pyramid P2-P5 (+P6 for the RPN), chapter 07
@@ -69,7 +71,7 @@ class ModelConfig:
     refine: bool = False
 
     def __post_init__(self):
-        choices = {"backbone": ("tiny", "resnet50"), "stride": (16, 32), "norm": ("bn", "gn"),
+        choices = {"backbone": ("tiny", "resnet50"), "stride": (8, 16, 32), "norm": ("bn", "gn"),
                    "pooler": ("roi_align", "roi_pool"), "mask_loss": ("sigmoid", "softmax")}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:

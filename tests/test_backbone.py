@@ -1,4 +1,4 @@
-"""Backbone contract: output shapes, strides and channels for stride 16, stride 32 and FPN mode."""
+"""Backbone contract: output shapes, strides and channels for stride 8, 16, 32 and FPN mode."""
 import pytest
 import torch
 
@@ -9,6 +9,7 @@ torch.set_num_threads(2)
 
 
 @pytest.mark.parametrize("kwargs, strides", [
+    (dict(stride=8), [4, 8]),
     (dict(stride=16), [4, 8, 16]),
     (dict(stride=32), [4, 8, 16, 32]),
     (dict(stride=16, fpn=True), [4, 8, 16, 32]),
