@@ -10,6 +10,7 @@ positive RoIs, lr 0.02) and adds the recipe's changes; chapter 05 quotes the fig
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -19,7 +20,7 @@ from course_lib import data, evaluate, model, train, utils
 PAPER = dict(width=32, stride=16, rpn_fg_iou=0.7, rpn_batch_size_per_image=256, box_positive_fraction=0.25,
              fast_ops=True, rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=300)
 RPN = dict(rpn_fg_iou=0.5, rpn_batch_size_per_image=64)
-# name: (config changes on top of ModelConfig, steps, lr)
+# name: (changes to ModelConfig, steps, lr); "cpu_config" is exactly model.cpu_config()
 VARIANTS = {
     "paper-c4":        (PAPER, 800, 0.02),
     "rpn-iou-0.5":     ({**PAPER, **RPN}, 800, 0.02),
@@ -36,7 +37,7 @@ def run(name: str, threads: int) -> str:
     changes, steps, lr = VARIANTS[name]
     torch.set_num_threads(threads)
     utils.seed_everything(0)
-    detector = model.MaskRCNN(model.cpu_config(**{**changes, "with_mask": False}))
+    detector = model.MaskRCNN(dataclasses.replace(model.ModelConfig(), **changes, with_mask=False))
     start = time.perf_counter()
     train.fit(detector, data.ShapesDataset(steps * 8, seed=0), steps=steps, batch_size=8, lr=lr,
               warmup_steps=min(100, steps // 5), schedule="onecycle", seed=0, progress=False)

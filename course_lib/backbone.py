@@ -11,7 +11,8 @@ Both follow one contract, so ``course_lib.model`` picks one with a plain ``if``:
 
 Without FPN the model uses the last output only: C4 (stride 16, the paper's "ResNet-C4" backbone),
 C5 (stride 32), or C3 (stride 8: the CPU preset's choice, because the shapes are 6-50 px and a
-stride-16 cell is already larger than the smallest of them). With FPN all four stages C2..C5 (strides 4, 8, 16, 32) go to the pyramid.
+stride-16 cell is already larger than the smallest of them). With FPN all four stages C2..C5
+(strides 4, 8, 16, 32) go to the pyramid.
 A stride-s feature cell covers s x s image pixels, so box coordinates in pixels map to feature
 cells by ``spatial_scale = 1 / s``: the number chapter 04's RoIPool quantizes and RoIAlign keeps.
 """
