@@ -17,18 +17,19 @@ import torch
 
 from course_lib import data, evaluate, model, train, utils
 
-PAPER = dict(width=32, stride=16, rpn_fg_iou=0.7, rpn_batch_size_per_image=256, box_positive_fraction=0.25,
-             fast_ops=True, rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=300)
-RPN = dict(rpn_fg_iou=0.5, rpn_batch_size_per_image=64)
+PAPER = dict(width=32)   # ModelConfig's defaults are the paper-like design; only the trunk is the recipe's width
+RPN = {**PAPER, "rpn_fg_iou": 0.5, "rpn_batch_size_per_image": 64}
+STRIDE8 = {**RPN, "stride": 8}
+POSITIVES = {**STRIDE8, "box_positive_fraction": 0.5}
 # name: (changes to ModelConfig, steps, lr); "cpu_config" is exactly model.cpu_config()
 VARIANTS = {
     "paper-c4":        (PAPER, 800, 0.02),
-    "rpn-iou-0.5":     ({**PAPER, **RPN}, 800, 0.02),
-    "stride8":         ({**PAPER, **RPN, "stride": 8}, 800, 0.02),
-    "fpn":             ({**PAPER, **RPN, "fpn": True}, 800, 0.02),
-    "pos0.5-lr0.06":   ({**PAPER, **RPN, "stride": 8, "box_positive_fraction": 0.5}, 800, 0.06),
-    "width64":         ({**PAPER, **RPN, "stride": 8, "box_positive_fraction": 0.5, "width": 64}, 800, 0.06),
-    "1600-steps":      ({**PAPER, **RPN, "stride": 8, "box_positive_fraction": 0.5}, 1600, 0.06),
+    "rpn-iou-0.5":     (RPN, 800, 0.02),
+    "stride8":         (STRIDE8, 800, 0.02),
+    "fpn":             ({**RPN, "fpn": True}, 800, 0.02),
+    "pos0.5-lr0.06":   (POSITIVES, 800, 0.06),
+    "width64":         ({**POSITIVES, "width": 64}, 800, 0.06),
+    "1600-steps":      (POSITIVES, 1600, 0.06),
     "cpu_config":      (model.CPU_RECIPE, 2400, 0.06),
 }
 
