@@ -170,12 +170,27 @@ def run_one(changes: dict, seed: int, settings: Settings, base: model.ModelConfi
             "final_loss": round(final_loss, 4), **metrics}
 
 
+def _run_record(name: str, changes: dict, seed: int, settings: Settings, base, threads: int | None) -> dict:
+    """One grid cell as a record; a run that raises is recorded as failed (the grid goes on)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    record = {"variant": name, "changes": changes, "seed": seed, "steps": settings.steps, "machine": machine_info()}
+    try:
+        record.update(status="ok", **run_one(changes, seed, settings, base))
+    except Exception as err:  # a broken variant must not cost the others
+        record.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=5))
+    return record
+
+
 def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0, 1, 2),
              settings: Settings = Settings(), command: str = "", progress: bool = True,
-             base: model.ModelConfig | None = None) -> list[dict]:
+             base: model.ModelConfig | None = None, jobs: int = 1, threads: int | None = None) -> list[dict]:
     """Run every (variant, seed) of ``grid`` not already in ``out``; return all records.
 
     Each record: variant, changes, seed, steps, status ("ok" or "failed"), machine, metrics.
+    ``jobs`` > 1 runs that many cells at once in worker processes with ``threads`` torch threads each
+    (on a 2-core CPU, 2 jobs x 1 thread finish a grid sooner than 1 job x 2 threads). The file is
+    rewritten after every finished run, in any order, so a stopped grid resumes without redoing them.
     Raises ``ValueError`` when ``out`` holds runs made with other ``settings``.
     """
     out = Path(out)
@@ -189,16 +204,23 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
     todo = [(name, seed) for seed in seeds for name in grid if (name, seed) not in done]
     header = {"command": command or previous.get("command", ""), "settings": dataclasses.asdict(settings),
               "area_ranges_scaled": scaled_area_ranges(settings.image_size)}
-    for name, seed in tqdm(todo, desc="grid", disable=not progress):
-        record = {"variant": name, "changes": grid[name], "seed": seed, "steps": settings.steps,
-                  "machine": machine_info()}
-        try:
-            record.update(status="ok", **run_one(grid[name], seed, settings, base))
-        except Exception as err:  # a broken variant must not cost the others
-            record.update(status="failed", error=f"{type(err).__name__}: {err}",
-                          traceback=traceback.format_exc(limit=5))
-        records.append(record)
-        save_records(out, records, header)
+    bar = tqdm(total=len(todo), desc="grid", disable=not progress)
+    if jobs <= 1:
+        for name, seed in todo:
+            records.append(_run_record(name, grid[name], seed, settings, base, threads))
+            save_records(out, records, header)
+            bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_record, name, grid[name], seed, settings, base, threads)
+                       for name, seed in todo]
+            for future in as_completed(futures):
+                records.append(future.result())
+                save_records(out, records, header)
+                bar.update()
+    bar.close()
     return records
 
 
@@ -239,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--schedule", choices=train.SCHEDULES, default=None, help="learning-rate decay")
     parser.add_argument("--small-model", action="store_true", help="model.quick_config instead of cpu_config")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (1 is fastest on a busy CPU)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
     parser.add_argument("--variants", nargs="*", default=None, help="only these variants")
     args = parser.parse_args(argv)
     settings = Settings.quick() if args.quick else Settings()
@@ -256,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown variants {unknown}; choose from {sorted(grid)}")
         grid = {name: grid[name] for name in args.variants}
     command = "python -m course_lib.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
-    records = run_grid(grid, args.out, tuple(range(args.seeds)), settings, command)
+    records = run_grid(grid, args.out, tuple(range(args.seeds)), settings, command, jobs=args.jobs, threads=args.threads)
     failed = [r for r in records if r["status"] == "failed"]
     print(f"{len(records)} runs in {args.out}, {len(failed)} failed")
 

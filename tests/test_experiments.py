@@ -119,3 +119,23 @@ def test_other_settings_refused(tmp_path, monkeypatch):
     longer = dataclasses.replace(TINY, steps=TINY.steps + 1)
     with pytest.raises(ValueError, match="settings"):
         experiments.run_grid({"v": {}}, out, seeds=(0, 1), settings=longer, progress=False)
+
+
+def test_parallel_jobs_give_the_same_records(tmp_path):
+    grid = {"align": {"pooler": "roi_align"}, "pool": {"pooler": "roi_pool"}}
+    threads = torch.get_num_threads()
+    try:
+        serial = experiments.run_grid(grid, tmp_path / "serial.json", seeds=(0,), settings=TINY, progress=False,
+                                      base=model.quick_config(), threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    parallel = experiments.run_grid(grid, tmp_path / "parallel.json", seeds=(0,), settings=TINY, progress=False,
+                                    base=model.quick_config(), jobs=2, threads=1)
+    assert sorted(r["variant"] for r in parallel) == ["align", "pool"]
+    by_name = {r["variant"]: r for r in parallel}
+    for record in serial:
+        twin = by_name[record["variant"]]
+        assert twin["status"] == "ok" and twin["machine"]["threads"] == 1
+        assert twin["final_loss"] == record["final_loss"]
+        assert twin["box"] == record["box"] and twin["mask"] == record["mask"]
+    assert len(json.loads((tmp_path / "parallel.json").read_text())["runs"]) == 2
