@@ -68,7 +68,8 @@ class ModelConfig:
     mask_loss: str = "sigmoid"      # "sigmoid" (per-class, decoupled) or "softmax" (coupled)
 
     # ---- Mask Transfiner refinement (chapter 09) -----------------------------------------
-    refine: bool = False
+    refine: bool = False            # add model.refiner; trained as a second stage (transfiner_model.fit_refiner)
+    refine_score_thresh: float = 0.5  # refine detections scoring at least this (released code: top 10 per image)
 
     def __post_init__(self):
         choices = {"backbone": ("tiny", "resnet50"), "stride": (8, 16, 32), "norm": ("bn", "gn"),
@@ -78,3 +79,6 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}; expected one of {allowed}")
         if self.num_classes < 2:
             raise ValueError(f"ModelConfig.num_classes={self.num_classes}: needs background + at least 1 class")
+        if self.refine and (not self.with_mask or self.mask_loss != "sigmoid"):
+            raise ValueError(f"ModelConfig.refine=True needs the sigmoid mask branch (with_mask={self.with_mask}, "
+                             f"mask_loss={self.mask_loss!r}): the refiner reads per-class sigmoid mask logits")

@@ -109,7 +109,13 @@ def batch_images(images: list[Tensor], mean: Tensor, std: Tensor, size_divisible
 
 
 class MaskRCNN(nn.Module):
-    """Backbone (+ FPN) -> RPN -> RoI heads (box branch + mask branch when ``config.with_mask``)."""
+    """Backbone (+ FPN) -> RPN -> RoI heads (box branch + mask branch when ``config.with_mask``).
+
+    With ``config.refine`` the model also holds ``refiner``, chapter 09's Mask Transfiner stage, and
+    in eval mode refines the masks of confident detections. Training stays two-stage, as the chapter
+    teaches it: ``train.fit`` trains the detector (the refiner gets no gradient from its losses), then
+    ``transfiner_model.fit_refiner(model, model.refiner, ...)`` trains the refiner on the frozen detector.
+    """
 
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
@@ -127,6 +133,11 @@ class MaskRCNN(nn.Module):
             channels = self.backbone.out_channels[-1]
         self.rpn = rpn.RegionProposalNetwork(config, channels)
         self.roi_heads = roi_heads.RoIHeads(config, channels)
+        self.refiner = None
+        if config.refine:
+            # imported here: transfiner_model builds on this module, so a top-level import would be circular
+            from course_lib import transfiner_model
+            self.refiner = transfiner_model.build_refiner(self)
         self.register_buffer("image_mean", torch.tensor(config.image_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(config.image_std).view(3, 1, 1), persistent=False)
 
@@ -143,6 +154,9 @@ class MaskRCNN(nn.Module):
         validate_inputs(images, targets if self.training else None)
         if self.training and self.config.with_mask:
             _check_masks(images, targets)
+        if self.refiner is not None and not self.training:
+            from course_lib import transfiner_model
+            return transfiner_model.detect_and_refine(self, images)
         image_sizes = [tuple(img.shape[-2:]) for img in images]
         batch = batch_images(images, self.image_mean, self.image_std, self.config.size_divisible)
         features = self.features(batch)

@@ -3,8 +3,9 @@
 Chapter 09 trains a Mask R-CNN with ``train.fit``, freezes it, and trains a
 ``transfiner_refiner.TransfinerRefiner`` on top, as a second stage: the refiner sees the frozen
 model's RoI features at three resolutions and its coarse 28x28 mask, and learns to correct the
-mask near the boundary. ``RefinedMaskRCNN`` then runs both, so ``evaluate.coco_evaluate`` scores
-the refined masks with the same code as the plain ones.
+mask near the boundary. ``add_refiner`` gives the trained model its refinement stage
+(``ModelConfig.refine``); in eval mode that model runs both (``detect_and_refine``), so
+``evaluate.coco_evaluate`` scores the refined masks with the same code as the plain ones.
 
 The RoI features per quadtree level (28, 56, 112) come from the backbone map whose stride is
 finer by the same factor: stride s for 28 (s = ``config.stride``; P4 with FPN), s/2 for 56 and
@@ -14,14 +15,17 @@ channels are ours: a small CPU backbone's stride-4 features are weak, and the pi
 say where a shape's edge is.
 
 Public names: ``refiner_in_channels``, ``roi_features``, ``coarse_mask_logits``,
-``refiner_batch``, ``fit_refiner``, ``roi_masks``, ``upsample_coarse``, ``RefinedMaskRCNN``.
+``refiner_batch``, ``fit_refiner``, ``roi_masks``, ``upsample_coarse``, ``build_refiner``,
+``add_refiner``, ``detect_and_refine``.
 
 Dimensions: N images, K RoIs (all images together), C_l channels and S_l side at level l.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from course_lib import data, mask_head, model as model_lib, roi_ops, train, transfiner, transfiner_refiner
@@ -127,27 +131,29 @@ def fit_refiner(model: model_lib.MaskRCNN, refiner: transfiner_refiner.Transfine
 
 
 @torch.no_grad()
-def roi_masks(model: model_lib.MaskRCNN, refiner: transfiner_refiner.TransfinerRefiner, dataset,
+def roi_masks(model: model_lib.MaskRCNN, refiner: transfiner_refiner.TransfinerRefiner | None, dataset,
               indices: list[int] | None = None, batch_size: int = 8) -> dict[str, Tensor]:
     """Coarse and refined masks of every ground-truth object, on its exact box (no detection).
 
-    Returns ``{"coarse": Tensor[K, 28, 28]`` probabilities, ``"refined": Tensor[K, 112, 112]``,
-    ``"incoherent_probs": Tensor[K, 28, 28]``, ``"nodes": Tensor[K]`` quadtree nodes per RoI,
-    ``"gt_28", "gt_56", "gt_112"``: ground truth per level in [0, 1], ``"labels": Tensor[K]}``.
-    Isolates mask quality from detection quality: the chapter's error analysis runs on this.
+    Returns ``{"coarse": Tensor[K, 28, 28]`` probabilities, ``"gt_28", "gt_56", "gt_112"``: ground
+    truth per level in [0, 1], ``"labels": Tensor[K]``, and with a ``refiner``: ``"refined":
+    Tensor[K, 112, 112]``, ``"incoherent_probs": Tensor[K, 28, 28]``, ``"nodes": Tensor[K]`` quadtree
+    nodes per RoI}``. Isolates mask quality from detection quality: the chapter's error analysis runs on this.
     """
-    refiner.eval()
+    model.eval()
+    sizes = refiner.config.sizes if refiner is not None else (28, 56, 112)
     indices = list(range(len(dataset))) if indices is None else list(indices)
     parts: dict[str, list[Tensor]] = {}
     for start in range(0, len(indices), batch_size):
         images, targets = data.collate_fn([dataset[i] for i in indices[start:start + batch_size]])
-        inputs = refiner_batch(model, images, targets, refiner.config.sizes, jitter=0.0)
-        out = refiner.refine(inputs["features"], inputs["coarse_mask_logits"])
-        roi_index = torch.cat([nodes[:, 0] for nodes in out["quadtree"].nodes])
-        found = {"coarse": inputs["coarse_mask_logits"].sigmoid(), "refined": out["masks"],
-                 "incoherent_probs": out["incoherent_probs"], "labels": inputs["labels"],
-                 "nodes": torch.bincount(roi_index, minlength=len(inputs["labels"]))}
-        found.update({f"gt_{size}": gt for size, gt in zip(refiner.config.sizes, inputs["gt_masks"])})
+        inputs = refiner_batch(model, images, targets, sizes, jitter=0.0)
+        found = {"coarse": inputs["coarse_mask_logits"].sigmoid(), "labels": inputs["labels"]}
+        found.update({f"gt_{size}": gt for size, gt in zip(sizes, inputs["gt_masks"])})
+        if refiner is not None:
+            out = refiner.eval().refine(inputs["features"], inputs["coarse_mask_logits"])
+            roi_index = torch.cat([nodes[:, 0] for nodes in out["quadtree"].nodes])
+            found.update(refined=out["masks"], incoherent_probs=out["incoherent_probs"],
+                         nodes=torch.bincount(roi_index, minlength=len(inputs["labels"])))
         for name, value in found.items():
             parts.setdefault(name, []).append(value)
     return {name: torch.cat(values) for name, values in parts.items()}
@@ -162,42 +168,58 @@ def upsample_coarse(coarse_probs: Tensor, num_levels: int = 3) -> Tensor:
     return transfiner.paste_refined(coarse_probs, [coarse_probs.new_zeros(0)] * num_levels, empty)
 
 
-class RefinedMaskRCNN(nn.Module):
-    """A trained Mask R-CNN whose masks are refined by a ``TransfinerRefiner`` (inference only).
+def build_refiner(model: model_lib.MaskRCNN, config: transfiner_refiner.TransfinerConfig | None = None
+                  ) -> transfiner_refiner.TransfinerRefiner:
+    """A fresh refiner sized for ``model``'s feature maps (``MaskRCNN`` calls it when ``config.refine``)."""
+    config = config or transfiner_refiner.TransfinerConfig()
+    return transfiner_refiner.TransfinerRefiner(config, refiner_in_channels(model, len(config.sizes)))
 
-    ``forward(images) -> detections`` as ``MaskRCNN`` in eval mode, with ``masks``
-    ``Tensor[D, 1, H, W]`` pasted from 112x112 masks: refined for detections scoring at least
-    ``score_thresh``, the coarse 28x28 mask upsampled (bilinear x2 twice) for the others. Like
-    the released code (which refines at most 10 RoIs per image), this keeps inference cheap:
-    the many low-score detections barely move mask AP. This is the call ``ModelConfig.refine``
-    would make inside ``MaskRCNN.forward``.
+
+def add_refiner(model: model_lib.MaskRCNN, config: transfiner_refiner.TransfinerConfig | None = None
+                ) -> model_lib.MaskRCNN:
+    """A copy of the trained ``model`` with ``config.refine=True``: same weights, a fresh ``refiner``.
+
+    The chapter's route: train Mask R-CNN, add the refinement stage, train it with ``fit_refiner``.
+    ``model`` itself is left as it was, so both can be evaluated side by side.
     """
+    refined = model_lib.MaskRCNN(dataclasses.replace(model.config, refine=True))
+    if config is not None:
+        refined.refiner = build_refiner(refined, config)
+    missing, unexpected = refined.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not name.startswith("refiner.") for name in missing):
+        raise ValueError(f"model's weights do not fit its own config: missing {missing}, unexpected {unexpected}")
+    return refined.to(next(model.parameters()).device)
 
-    def __init__(self, model: model_lib.MaskRCNN, refiner: transfiner_refiner.TransfinerRefiner,
-                 score_thresh: float = 0.5):
-        super().__init__()
-        if model.config.mask_loss != "sigmoid":
-            raise ValueError(f"model.config.mask_loss={model.config.mask_loss!r}: "
-                             "the refiner reads sigmoid mask logits")
-        self.model, self.refiner, self.score_thresh = model, refiner, score_thresh
 
-    @torch.no_grad()
-    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        model = self.model.eval()
-        model_lib.validate_inputs(images, None)
-        image_sizes = [tuple(img.shape[-2:]) for img in images]
-        batch = model_lib.batch_images(images, model.image_mean, model.image_std, model.config.size_divisible)
-        head_features, maps = _maps(model, batch)
-        proposals, _ = model.rpn(head_features, image_sizes, tuple(batch.shape[-2:]))
-        detections, _ = model.roi_heads(head_features, proposals, image_sizes)
-        rois = [det["boxes"] for det in detections]
-        coarse = coarse_mask_logits(model, head_features, rois, torch.cat([d["labels"] for d in detections]))
-        masks = upsample_coarse(coarse.sigmoid(), len(self.refiner.config.sizes))  # [K, 112, 112]
-        keep = torch.cat([det["scores"] >= self.score_thresh for det in detections])  # [K]
-        if keep.any():
-            kept_rois = [r[d["scores"] >= self.score_thresh] for r, d in zip(rois, detections)]
-            features = roi_features(model, batch, maps, kept_rois, self.refiner.config.sizes)
-            masks[keep] = self.refiner.eval()(features, coarse[keep])  # [K', 112, 112]
-        for det, masks, size in zip(detections, masks.split([len(r) for r in rois]), image_sizes):
-            det["masks"] = mask_head.paste_masks_in_image(masks[:, None], det["boxes"], size)
-        return detections
+@torch.no_grad()
+def detect_and_refine(model: model_lib.MaskRCNN, images: list[Tensor]) -> list[dict[str, Tensor]]:
+    """``MaskRCNN.forward`` in eval mode when ``config.refine``: detections with refined masks.
+
+    Boxes, labels, scores, and the masks of detections scoring below ``config.refine_score_thresh``,
+    are the plain model's. The others are pasted from the refiner's 112x112 masks. Like the released
+    code (which refines at most 10 RoIs per image), this keeps inference cheap: the many low-score
+    detections barely move mask AP.
+    """
+    refiner = model.refiner.eval()
+    image_sizes = [tuple(img.shape[-2:]) for img in images]
+    batch = model_lib.batch_images(images, model.image_mean, model.image_std, model.config.size_divisible)
+    head_features, maps = _maps(model, batch)
+    proposals, _ = model.rpn(head_features, image_sizes, tuple(batch.shape[-2:]))
+    detections, _ = model.roi_heads(head_features, proposals, image_sizes)
+    rois = [det["boxes"] for det in detections]
+    coarse = coarse_mask_logits(model, head_features, rois, torch.cat([d["labels"] for d in detections]))
+    keep = [det["scores"] >= model.config.refine_score_thresh for det in detections]
+    refined = torch.zeros(0, *refiner.config.sizes[-1:] * 2)
+    if torch.cat(keep).any():
+        features = roi_features(model, batch, maps, [r[k] for r, k in zip(rois, keep)], refiner.config.sizes)
+        refined = refiner(features, coarse[torch.cat(keep)])  # [K', 112, 112]
+    # padded by one coarse cell (4 cells of 112), as the plain 28x28 masks are padded by one: the same
+    # grown box. One 112-cell of padding would stretch each mask by most of a pixel: a lot on a 10 px shape.
+    padding = refiner.config.sizes[-1] // refiner.config.sizes[0]
+    coarse_per_image = coarse.sigmoid().split([len(r) for r in rois])
+    refined_per_image = refined.split([int(k.sum()) for k in keep])
+    for det, probs, fine, k, size in zip(detections, coarse_per_image, refined_per_image, keep, image_sizes):
+        det["masks"] = mask_head.paste_masks_in_image(probs[:, None], det["boxes"], size)  # [D, 1, H, W]
+        if k.any():
+            det["masks"][k] = mask_head.paste_masks_in_image(fine[:, None], det["boxes"][k], size, padding=padding)
+    return detections

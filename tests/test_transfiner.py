@@ -376,19 +376,76 @@ def test_fit_refiner_and_roi_masks_run(tiny_mask_rcnn):
     num_objects = sum(len(dataset[i][1]["boxes"]) for i in (0, 1))
     assert out["coarse"].shape == (num_objects, 28, 28) and out["refined"].shape == (num_objects, 112, 112)
     assert out["gt_112"].shape == (num_objects, 112, 112) and out["nodes"].shape == (num_objects,)
+    coarse_only = transfiner_model.roi_masks(mask_rcnn, None, dataset, indices=[0, 1])
+    assert set(coarse_only) == {"coarse", "labels", "gt_28", "gt_56", "gt_112"}
+    torch.testing.assert_close(coarse_only["coarse"], out["coarse"])
 
 
 def test_refined_model_keeps_the_detections(tiny_mask_rcnn):
     from course_lib import transfiner_model
     mask_rcnn, dataset = tiny_mask_rcnn
-    config = transfiner_refiner.TransfinerConfig(d_model=32, ffn_dim=64, detector_channels=16)
-    refiner = transfiner_refiner.TransfinerRefiner(config, transfiner_model.refiner_in_channels(mask_rcnn))
     image = dataset[0][0]
     with torch.no_grad():
         plain = mask_rcnn([image])[0]
     third_best = float(plain["scores"].sort(descending=True).values[2])
-    refined = transfiner_model.RefinedMaskRCNN(mask_rcnn, refiner, score_thresh=third_best)([image])[0]
+    config = transfiner_refiner.TransfinerConfig(d_model=32, ffn_dim=64, detector_channels=16)
+    refined_model = transfiner_model.add_refiner(mask_rcnn, config)
+    refined_model.config = dataclasses.replace(refined_model.config, refine_score_thresh=third_best)
+    refined = refined_model.eval()([image])[0]
     for key in ("boxes", "labels", "scores"):
         torch.testing.assert_close(refined[key], plain[key])
     assert refined["masks"].shape == plain["masks"].shape
     assert 0 <= refined["masks"].min() and refined["masks"].max() <= 1
+    # the three most confident masks went through the refiner; the others are the plain model's
+    assert not torch.equal(refined["masks"][:3], plain["masks"][:3])
+    torch.testing.assert_close(refined["masks"][3:], plain["masks"][3:])
+
+
+def test_refined_masks_paste_at_the_plain_masks_geometry():
+    # a full 28x28 mask padded by one cell and a full 112x112 one padded by four grow the box by the
+    # same factor 30/28 = 120/112, so both cross 0.5 on the box edge; one cell of 112 would not
+    from course_lib import mask_head
+    gen = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=gen) * 80
+    boxes = torch.cat([xy, xy + 6 + torch.rand(50, 2, generator=gen) * 40], dim=1)  # [50, 4] 6-46 px sides
+
+    def pasted(size, padding):
+        return mask_head.paste_masks_in_image(torch.ones(50, 1, size, size), boxes, (128, 128), padding) >= 0.5
+
+    def iou(a, b):
+        return ((a & b).flatten(1).sum(1) / (a | b).flatten(1).sum(1)).mean().item()
+
+    plain = pasted(28, 1)
+    assert iou(plain, pasted(112, 4)) > 0.99
+    assert iou(plain, pasted(112, 4)) > iou(plain, pasted(112, 1)) + 0.02
+
+
+def test_add_refiner_copies_the_detector_and_leaves_the_original():
+    from course_lib import model, transfiner_model
+    torch.manual_seed(0)
+    plain = model.MaskRCNN(model.quick_config())
+    refined = transfiner_model.add_refiner(plain)
+    assert plain.refiner is None and refined.config.refine and refined.refiner is not None
+    for name, value in plain.state_dict().items():
+        assert torch.equal(refined.state_dict()[name], value), name
+    assert all(name.startswith("refiner.") for name in set(refined.state_dict()) - set(plain.state_dict()))
+
+
+def test_refine_config_needs_the_sigmoid_mask_branch():
+    from course_lib import model
+    with pytest.raises(ValueError, match="refine=True needs the sigmoid mask branch"):
+        model.quick_config(refine=True, mask_loss="softmax")
+    with pytest.raises(ValueError, match="refine=True needs the sigmoid mask branch"):
+        model.quick_config(refine=True, with_mask=False)
+
+
+def test_refiner_gets_no_gradient_from_the_detector_losses():
+    from course_lib import data, model
+    torch.manual_seed(0)
+    net = model.MaskRCNN(model.quick_config(refine=True)).train()
+    images, targets = data.collate_fn([data.ShapesDataset(2, seed=0)[i] for i in range(2)])
+    losses = net(images, targets)
+    assert not any(name.startswith("loss_refine") for name in losses)
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in net.refiner.parameters())
+    assert net.roi_heads.mask_head is not None and any(p.grad is not None for p in net.roi_heads.parameters())
