@@ -209,7 +209,7 @@ def detect_and_refine(model: model_lib.MaskRCNN, images: list[Tensor]) -> list[d
     rois = [det["boxes"] for det in detections]
     coarse = coarse_mask_logits(model, head_features, rois, torch.cat([d["labels"] for d in detections]))
     keep = [det["scores"] >= model.config.refine_score_thresh for det in detections]
-    refined = torch.zeros(0, *refiner.config.sizes[-1:] * 2)
+    refined = coarse.new_zeros(0, *refiner.config.sizes[-1:] * 2)  # [0, 112, 112] when nothing is refined
     if torch.cat(keep).any():
         features = roi_features(model, batch, maps, [r[k] for r, k in zip(rois, keep)], refiner.config.sizes)
         refined = refiner(features, coarse[torch.cat(keep)])  # [K', 112, 112]
