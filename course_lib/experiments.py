@@ -20,7 +20,7 @@ COCO images of about 640 px. On 128 px images they put nearly every object in "s
 "large" (APl = -1). Each record therefore also carries ``APs``/``APm``/``APl`` with the ranges scaled
 by (image_size / 640)^2 (``scaled_area_ranges``), under ``box_scaled`` and ``mask_scaled``.
 
-Public names: ``METRICS``, ``PAPER_TABLE2``, ``ablation_grid``, ``Settings``, ``run_one``,
+Public names: ``METRICS``, ``PAPER_TABLE2``, ``ablation_grid``, ``Settings``, ``train_variant``, ``run_one``,
 ``run_grid``, ``scaled_area_ranges``, ``scaled_area_metrics``, ``summarize``, ``machine_info``,
 ``load_records``, ``save_records``, ``main``.
 """
@@ -150,23 +150,30 @@ def _evaluate(net, val_set, settings: Settings) -> dict:
     return out
 
 
-def run_one(changes: dict, seed: int, settings: Settings, base: model.ModelConfig | None = None) -> dict:
-    """Train one variant with one seed and evaluate it; returns config, metrics and wall times."""
+def train_variant(changes: dict, seed: int, settings: Settings, base: model.ModelConfig | None = None
+                  ) -> tuple[model.MaskRCNN, dict, float]:
+    """Train one variant with one seed, as the grid does: ``(model in eval mode, train.fit's history, seconds)``."""
     preset = model.quick_config if settings.small_model else model.cpu_config
     config = dataclasses.replace(base or preset(), **changes)
     utils.seed_everything(seed)  # the model's initial weights depend on the seed
     train_set = data.ShapesDataset(settings.num_train, settings.image_size, seed=settings.data_seed)
-    val_set = data.ShapesDataset(settings.num_val, settings.image_size, seed=settings.data_seed + 1)
     net = model.MaskRCNN(config)
     tick = time.perf_counter()
     history = train.fit(net, train_set, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
                         warmup_steps=min(50, settings.steps // 4), schedule=settings.schedule,
                         seed=seed, progress=False)
-    wall = time.perf_counter() - tick
+    return net.eval(), history, time.perf_counter() - tick
+
+
+def run_one(changes: dict, seed: int, settings: Settings, base: model.ModelConfig | None = None) -> dict:
+    """Train one variant with one seed and evaluate it; returns config, metrics and wall times."""
+    net, history, wall = train_variant(changes, seed, settings, base)
+    tick = time.perf_counter()
+    val_set = data.ShapesDataset(settings.num_val, settings.image_size, seed=settings.data_seed + 1)
     metrics = _evaluate(net, val_set, settings)
     final_loss = sum(h["loss"] for h in history["train"][-20:]) / len(history["train"][-20:])
-    return {"config": dataclasses.asdict(config), "wall_time_s": round(wall, 1),
-            "eval_time_s": round(time.perf_counter() - tick - wall, 1),
+    return {"config": dataclasses.asdict(net.config), "wall_time_s": round(wall, 1),
+            "eval_time_s": round(time.perf_counter() - tick, 1),
             "final_loss": round(final_loss, 4), **metrics}
 
 
