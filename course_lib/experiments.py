@@ -30,11 +30,13 @@ import argparse
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import sys
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -218,8 +220,6 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
             save_records(out, records, header)
             bar.update()
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_run_record, name, grid[name], seed, settings, base, threads)
                        for name, seed in todo]

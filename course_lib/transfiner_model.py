@@ -205,21 +205,20 @@ def detect_and_refine(model: model_lib.MaskRCNN, images: list[Tensor]) -> list[d
     batch = model_lib.batch_images(images, model.image_mean, model.image_std, model.config.size_divisible)
     head_features, maps = _maps(model, batch)
     proposals, _ = model.rpn(head_features, image_sizes, tuple(batch.shape[-2:]))
-    detections, _ = model.roi_heads(head_features, proposals, image_sizes)
-    rois = [det["boxes"] for det in detections]
-    coarse = coarse_mask_logits(model, head_features, rois, torch.cat([d["labels"] for d in detections]))
+    detections, _ = model.roi_heads(head_features, proposals, image_sizes)  # masks: [D, 1, 28, 28] probabilities
     keep = [det["scores"] >= model.config.refine_score_thresh for det in detections]
-    refined = coarse.new_zeros(0, *refiner.config.sizes[-1:] * 2)  # [0, 112, 112] when nothing is refined
-    if torch.cat(keep).any():
-        features = roi_features(model, batch, maps, [r[k] for r, k in zip(rois, keep)], refiner.config.sizes)
-        refined = refiner(features, coarse[torch.cat(keep)])  # [K', 112, 112]
+    kept_rois = [det["boxes"][k] for det, k in zip(detections, keep)]
+    refined = batch.new_zeros(0, *refiner.config.sizes[-1:] * 2)  # [0, 112, 112] when nothing is refined
+    if any(len(r) for r in kept_rois):
+        labels = torch.cat([det["labels"][k] for det, k in zip(detections, keep)])
+        coarse = coarse_mask_logits(model, head_features, kept_rois, labels)  # [K', 28, 28]
+        features = roi_features(model, batch, maps, kept_rois, refiner.config.sizes)
+        refined = refiner(features, coarse)  # [K', 112, 112]
     # padded by one coarse cell (4 cells of 112), as the plain 28x28 masks are padded by one: the same
     # grown box. One 112-cell of padding would stretch each mask by most of a pixel: a lot on a 10 px shape.
     padding = refiner.config.sizes[-1] // refiner.config.sizes[0]
-    coarse_per_image = coarse.sigmoid().split([len(r) for r in rois])
-    refined_per_image = refined.split([int(k.sum()) for k in keep])
-    for det, probs, fine, k, size in zip(detections, coarse_per_image, refined_per_image, keep, image_sizes):
-        det["masks"] = mask_head.paste_masks_in_image(probs[:, None], det["boxes"], size)  # [D, 1, H, W]
+    for det, fine, k, size in zip(detections, refined.split([len(r) for r in kept_rois]), keep, image_sizes):
+        det["masks"] = mask_head.paste_masks_in_image(det["masks"], det["boxes"], size)  # [D, 1, H, W]
         if k.any():
             det["masks"][k] = mask_head.paste_masks_in_image(fine[:, None], det["boxes"][k], size, padding=padding)
     return detections
