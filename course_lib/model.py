@@ -141,12 +141,20 @@ class MaskRCNN(nn.Module):
         self.register_buffer("image_mean", torch.tensor(config.image_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(config.image_std).view(3, 1, 1), persistent=False)
 
-    def features(self, batch: Tensor) -> list[Tensor]:
-        """Backbone features the heads use: ``[C_last]`` at ``config.stride``, or P2..P6 with FPN."""
+    def feature_maps(self, batch: Tensor) -> tuple[list[Tensor], dict[int, Tensor]]:
+        """``(features the heads use, every map by its stride)``: the refiner (chapter 09) also pools finer maps.
+
+        Heads: ``[C_last]`` at ``config.stride``, or P2..P6 with FPN. Maps: the backbone's stages, or P2..P6.
+        """
         stages = self.backbone(batch)                                               # finest first
         if self.fpn is not None:
-            return self.fpn(stages[-4:])
-        return stages[-1:]
+            pyramid = self.fpn(stages[-4:])
+            return pyramid, {4 * 2 ** i: p for i, p in enumerate(pyramid)}
+        return stages[-1:], dict(zip(self.backbone.strides, stages))
+
+    def features(self, batch: Tensor) -> list[Tensor]:
+        """Backbone features the heads use: ``[C_last]`` at ``config.stride``, or P2..P6 with FPN."""
+        return self.feature_maps(batch)[0]
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         if self.training and targets is None:
@@ -154,12 +162,9 @@ class MaskRCNN(nn.Module):
         validate_inputs(images, targets if self.training else None)
         if self.training and self.config.with_mask:
             _check_masks(images, targets)
-        if self.refiner is not None and not self.training:
-            from course_lib import transfiner_model
-            return transfiner_model.detect_and_refine(self, images)
         image_sizes = [tuple(img.shape[-2:]) for img in images]
         batch = batch_images(images, self.image_mean, self.image_std, self.config.size_divisible)
-        features = self.features(batch)
+        features, maps = self.feature_maps(batch)
         proposals, rpn_losses = self.rpn(features, image_sizes, tuple(batch.shape[-2:]), targets)
         detections, head_losses = self.roi_heads(features, proposals, image_sizes, targets)
         if self.training:
@@ -167,6 +172,9 @@ class MaskRCNN(nn.Module):
         if self.config.with_mask:
             for det, size in zip(detections, image_sizes):
                 det["masks"] = mask_head.paste_masks_in_image(det["masks"], det["boxes"], size)
+        if self.refiner is not None:
+            from course_lib import transfiner_model
+            transfiner_model.refine_detections(self, batch, features, maps, detections)
         return detections
 
 

@@ -4,7 +4,7 @@ Chapter 09 trains a Mask R-CNN with ``train.fit``, freezes it, and trains a
 ``transfiner_refiner.TransfinerRefiner`` on top, as a second stage: the refiner sees the frozen
 model's RoI features at three resolutions and its coarse 28x28 mask, and learns to correct the
 mask near the boundary. ``add_refiner`` gives the trained model its refinement stage
-(``ModelConfig.refine``); in eval mode that model runs both (``detect_and_refine``), so
+(``ModelConfig.refine``); in eval mode that model runs both (``refine_detections``), so
 ``evaluate.coco_evaluate`` scores the refined masks with the same code as the plain ones.
 
 The RoI features per quadtree level (28, 56, 112) come from the backbone map whose stride is
@@ -16,7 +16,7 @@ say where a shape's edge is.
 
 Public names: ``refiner_in_channels``, ``roi_features``, ``coarse_mask_logits``,
 ``refiner_batch``, ``fit_refiner``, ``roi_masks``, ``upsample_coarse``, ``build_refiner``,
-``add_refiner``, ``detect_and_refine``.
+``add_refiner``, ``refine_detections``.
 
 Dimensions: N images, K RoIs (all images together), C_l channels and S_l side at level l.
 """
@@ -42,15 +42,6 @@ def refiner_in_channels(model: model_lib.MaskRCNN, num_levels: int = 3) -> list[
         return [model.config.fpn_channels + 3] * num_levels
     by_stride = dict(zip(model.backbone.strides, model.backbone.out_channels))
     return [by_stride[s] + 3 for s in _level_strides(model, num_levels)]
-
-
-def _maps(model: model_lib.MaskRCNN, batch: Tensor) -> tuple[list[Tensor], dict[int, Tensor]]:
-    """One backbone pass: (the heads' features as ``model.features``, every map by its stride)."""
-    stages = model.backbone(batch)  # finest first
-    if model.fpn is not None:
-        pyramid = model.fpn(stages[-4:])  # P2..P6
-        return pyramid, {4 * 2 ** i: p for i, p in enumerate(pyramid)}
-    return stages[-1:], dict(zip(model.backbone.strides, stages))
 
 
 def roi_features(model: model_lib.MaskRCNN, batch: Tensor, maps: dict[int, Tensor], rois: list[Tensor],
@@ -95,7 +86,7 @@ def refiner_batch(model: model_lib.MaskRCNN, images: list[Tensor], targets: list
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     batch = model_lib.batch_images(images, model.image_mean, model.image_std, model.config.size_divisible)
-    head_features, maps = _maps(model, batch)
+    head_features, maps = model.feature_maps(batch)
     rois = [_jitter(t["boxes"].float(), img.shape[-2:], jitter, generator) for t, img in zip(targets, images)]
     labels = torch.cat([t["labels"] for t in targets])  # [K]
     gt_masks = [torch.cat([mask_head.mask_targets(t["masks"], r, torch.arange(len(r)), size)
@@ -192,33 +183,28 @@ def add_refiner(model: model_lib.MaskRCNN, config: transfiner_refiner.Transfiner
 
 
 @torch.no_grad()
-def detect_and_refine(model: model_lib.MaskRCNN, images: list[Tensor]) -> list[dict[str, Tensor]]:
-    """``MaskRCNN.forward`` in eval mode when ``config.refine``: detections with refined masks.
+def refine_detections(model: model_lib.MaskRCNN, batch: Tensor, head_features: list[Tensor],
+                      maps: dict[int, Tensor], detections: list[dict[str, Tensor]]) -> None:
+    """``MaskRCNN.forward``'s last step when ``config.refine``: refine the confident detections' masks.
 
-    Boxes, labels, scores, and the masks of detections scoring below ``config.refine_score_thresh``,
-    are the plain model's. The others are pasted from the refiner's 112x112 masks. Like the released
-    code (which refines at most 10 RoIs per image), this keeps inference cheap: the many low-score
-    detections barely move mask AP.
+    ``detections`` (eval mode, masks already pasted) are changed in place: the masks of detections
+    scoring at least ``config.refine_score_thresh`` are replaced by the refiner's 112x112 masks pasted
+    at the same boxes; boxes, labels, scores and the other masks stay the plain model's. Like the
+    released code (which refines at most 10 RoIs per image), this keeps inference cheap: the many
+    low-score detections barely move mask AP.
     """
     refiner = model.refiner.eval()
-    image_sizes = [tuple(img.shape[-2:]) for img in images]
-    batch = model_lib.batch_images(images, model.image_mean, model.image_std, model.config.size_divisible)
-    head_features, maps = _maps(model, batch)
-    proposals, _ = model.rpn(head_features, image_sizes, tuple(batch.shape[-2:]))
-    detections, _ = model.roi_heads(head_features, proposals, image_sizes)  # masks: [D, 1, 28, 28] probabilities
     keep = [det["scores"] >= model.config.refine_score_thresh for det in detections]
     kept_rois = [det["boxes"][k] for det, k in zip(detections, keep)]
-    refined = batch.new_zeros(0, *refiner.config.sizes[-1:] * 2)  # [0, 112, 112] when nothing is refined
-    if any(len(r) for r in kept_rois):
-        labels = torch.cat([det["labels"][k] for det, k in zip(detections, keep)])
-        coarse = coarse_mask_logits(model, head_features, kept_rois, labels)  # [K', 28, 28]
-        features = roi_features(model, batch, maps, kept_rois, refiner.config.sizes)
-        refined = refiner(features, coarse)  # [K', 112, 112]
+    if not any(len(r) for r in kept_rois):
+        return
+    labels = torch.cat([det["labels"][k] for det, k in zip(detections, keep)])
+    coarse = coarse_mask_logits(model, head_features, kept_rois, labels)  # [K', 28, 28]
+    refined = refiner(roi_features(model, batch, maps, kept_rois, refiner.config.sizes), coarse)  # [K', 112, 112]
     # padded by one coarse cell (4 cells of 112), as the plain 28x28 masks are padded by one: the same
     # grown box. One 112-cell of padding would stretch each mask by most of a pixel: a lot on a 10 px shape.
     padding = refiner.config.sizes[-1] // refiner.config.sizes[0]
-    for det, fine, k, size in zip(detections, refined.split([len(r) for r in kept_rois]), keep, image_sizes):
-        det["masks"] = mask_head.paste_masks_in_image(det["masks"], det["boxes"], size)  # [D, 1, H, W]
+    for det, fine, k in zip(detections, refined.split([len(r) for r in kept_rois]), keep):
         if k.any():
+            size = tuple(det["masks"].shape[-2:])
             det["masks"][k] = mask_head.paste_masks_in_image(fine[:, None], det["boxes"][k], size, padding=padding)
-    return detections
