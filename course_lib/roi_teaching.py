@@ -2,12 +2,15 @@
 
 Everything here is computed from the same geometry the ops in ``roi_ops`` use
 (``roi_pool_bins``, ``roi_align_samples``), so the pictures and read-outs cannot drift from the
-numbers the ops produce. Frames: boxes and returned ``*_px`` values are in input-image pixels;
-``*_cells`` values are in feature cells (pixels / stride). Feature cell ``j`` covers pixels
-``[j * stride, (j + 1) * stride)``, its centre at ``(j + 0.5) * stride``.
+numbers the ops produce; the one exception, ``floor_floor_cells``, is the simplified version a
+widely read explanation draws, which no kernel computes. Frames: boxes and returned ``*_px``
+values are in input-image pixels; ``*_cells`` values are in feature cells (pixels / stride).
+Feature cell ``j`` covers pixels ``[j * stride, (j + 1) * stride)``, its centre at
+``(j + 0.5) * stride``.
 
-Public names: ``paper_example``, ``roi_pool_cells``, ``roi_align_points``, ``bin_edge_offsets``,
-``quantization_error``, ``roi_readout``, ``readout_text``, ``mask_roundtrip``, ``draw_roi``.
+Public names: ``quantization_example``, ``floor_floor_cells``, ``roi_pool_cells``,
+``roi_align_points``, ``bin_edge_offsets``, ``quantization_error``, ``roi_readout``,
+``readout_text``, ``mask_roundtrip``, ``draw_roi``.
 """
 from __future__ import annotations
 
@@ -34,18 +37,22 @@ def _check_stride(stride) -> None:
         raise ValueError(f"stride must be a positive number of pixels, got {stride!r}")
 
 
-def paper_example(image_size: int = 800, stride: int = 32, box_size: float = 665,
-                  output_size: int = 7, sampling_ratio: int = 2) -> dict[str, float]:
-    """The Mask R-CNN paper's worked example (§3), every number computed.
+def quantization_example(image_size: int = 800, stride: int = 32, box_size: float = 665,
+                         output_size: int = 7, sampling_ratio: int = 2) -> dict[str, float]:
+    """RoIPool's two quantizations on the 665 px box at stride 32, every number computed.
 
-    RoIPool as the paper describes it: the box's ``box_size / stride`` cells are floored (the
-    first quantization), the bins ``cells / output_size`` floored again (the second), so the
-    pooled cells cover only ``bin * output_size`` of them. RoIAlign keeps both fractions. The
-    ``torchvision_*`` entries show what torchvision's RoIPool (which ``roi_ops.roi_pool`` matches)
-    does with the same box at the image origin: it rounds and counts the end cell (``+ 1``).
+    Source: the example (800 px image, VGG16-like stride 32, a 665 px proposal) comes from a
+    widely read explanation of Mask R-CNN, built on Caffe's RoIPooling code, not from the paper;
+    the paper (§3) only writes ``[x/16]`` with "[.] is rounding". The explanation simplifies
+    both roundings to ``floor``: the box's ``box_size / stride`` cells are floored (the first
+    quantization), the bins ``cells / output_size`` floored again (the second), so the pooled
+    cells cover only ``bin * output_size`` of them (``floor_floor_cells`` draws it). RoIAlign
+    keeps both fractions. The ``torchvision_*`` entries are what torchvision's and Caffe's
+    RoIPool (``roi_ops.roi_pool_bins``) do with the same box at the image origin: round to the
+    nearest cell, count the end cell (``+ 1``), cut bins with floor (start) / ceil (end).
     """
     box_cells = box_size / stride  # 665 / 32 = 20.78
-    roi_cells = math.floor(box_cells)  # 20: first quantization
+    roi_cells = math.floor(box_cells)  # 20: first quantization (the explanation's floor)
     bin_cells = roi_cells / output_size  # 2.86
     bin_quantized = math.floor(bin_cells)  # 2: second quantization
     covered = bin_quantized * output_size  # 14 cells
@@ -61,6 +68,33 @@ def paper_example(image_size: int = 800, stride: int = 32, box_size: float = 665
         "torchvision_roi_cells": int(y1[0, -1] - y0[0, 0]),
         "torchvision_bin_cells": (int(y1[0, -1] - y0[0, 0])) / output_size,
     }
+
+
+def floor_floor_cells(box, stride: float,
+                      output_size: int | tuple[int, int] = 7) -> dict[str, Tensor]:
+    """The explanation's simplified RoIPool for one box: both quantizations are ``floor``.
+
+    Returns ``box_cells`` ``[4]`` (x1, y1, x2, y2 before rounding), ``floored_cells`` int64
+    ``[4]`` (quantization 1: the start cell floored, the size floored, end excluded),
+    ``bin_cells`` int64 ``[2]`` (bin height, width: the size over the bins, floored; quantization
+    2) and ``y_bins [PH, 2]``, ``x_bins [PW, 2]`` int64 (start, end) per bin, end excluded.
+
+    Why: this is the version the widely read explanation of the 665 px example draws (20.78 ->
+    20 cells, 20 / 7 = 2.86 -> 2, 7 x 7 bins covering 14 x 14 cells). It floors the box's size;
+    for a box that does not start on a cell edge it gives no rule, so the start is floored too
+    and the numbers stay the same wherever the box sits. It is not what any kernel computes:
+    Caffe and torchvision round and cut floor/ceil bins (``roi_pool_cells``).
+    """
+    _check_stride(stride)
+    ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
+    box_cells = _rois(box)[0, 1:] / stride  # [4] x1 y1 x2 y2
+    start = torch.floor(box_cells[:2]).long()  # [2] x1, y1
+    size = torch.floor(box_cells[2:] - box_cells[:2]).clamp(min=0).long()  # [2] w, h
+    bins = torch.div(size, torch.tensor([pw, ph]), rounding_mode="floor")  # [2] bin w, h
+    ey, ex = torch.arange(ph + 1) * bins[1] + start[1], torch.arange(pw + 1) * bins[0] + start[0]
+    return {"box_cells": box_cells, "floored_cells": torch.cat([start, start + size]),
+            "bin_cells": bins.flip(0), "y_bins": torch.stack([ey[:-1], ey[1:]], 1),
+            "x_bins": torch.stack([ex[:-1], ex[1:]], 1)}
 
 
 def roi_pool_cells(box, stride: float, output_size: int | tuple[int, int] = 7,
@@ -198,37 +232,63 @@ def mask_roundtrip(mask: Tensor, box, stride: int, output_size: int, pooler: str
     return pasted.to(torch.uint8), iou
 
 
+def _fill_bins(ax, cells: dict[str, Tensor], stride: float) -> None:
+    """Fill each bin's cells (``y_bins``, ``x_bins`` of a ``*_cells`` dict), alternating colours."""
+    from matplotlib.patches import Rectangle
+
+    for i, (ys, ye) in enumerate(cells["y_bins"].tolist()):
+        for j, (xs, xe) in enumerate(cells["x_bins"].tolist()):
+            colour = "tab:orange" if (i + j) % 2 else "tab:red"
+            ax.add_patch(Rectangle((xs * stride, ys * stride), (xe - xs) * stride,
+                                   (ye - ys) * stride, color=colour, alpha=0.25, lw=0))
+
+
+def _draw_samples(ax, box, stride: float, output_size: int, sampling_ratio: int,
+                  aligned: bool) -> None:
+    """RoIAlign's bin edges (lines) and sampling points (dots)."""
+    pts = roi_align_points(box, stride, output_size, sampling_ratio, aligned)
+    for e in pts["y_edges_px"].tolist():
+        ax.plot(pts["x_edges_px"][[0, -1]].tolist(), [e, e], color="tab:blue", lw=0.8)
+    for e in pts["x_edges_px"].tolist():
+        ax.plot([e, e], pts["y_edges_px"][[0, -1]].tolist(), color="tab:blue", lw=0.8)
+    yy, xx = torch.meshgrid(pts["ys_px"].reshape(-1), pts["xs_px"].reshape(-1), indexing="ij")
+    ax.scatter(xx.reshape(-1), yy.reshape(-1), s=6, color="tab:blue", zorder=3)
+
+
 def draw_roi(ax, box, stride: int, output_size: int = 7, pooler: str = "roi_align",
              sampling_ratio: int = 2, aligned: bool = True, image_size: int = 128) -> None:
     """Draw the feature grid, the box, and one pooler's bins on a matplotlib axes (pixels).
 
-    RoIPool: its quantized bins filled (what it really max-pools). RoIAlign: its bin edges and
-    sampling points. The true box is the thick dashed outline.
+    ``pooler``: ``"roi_pool"`` fills the bins torchvision's (and Caffe's) RoIPool really
+    max-pools; ``"roi_pool_floor"`` fills the bins of the explanation's simplified floor/floor
+    version (``floor_floor_cells``) and outlines its floored box (dotted); ``"roi_align"``
+    draws RoIAlign's bin edges and sampling points. The true box is the thick dashed outline;
+    the top axis counts feature cells.
     """
     from matplotlib.patches import Rectangle
 
+    if pooler not in ("roi_pool", "roi_pool_floor", "roi_align"):
+        raise ValueError("pooler must be 'roi_pool', 'roi_pool_floor' or 'roi_align', "
+                         f"got {pooler!r}")
     x1, y1, x2, y2 = (float(v) for v in box)
     for g in range(0, image_size + 1, stride):
         ax.axhline(g, color="0.85", lw=0.6, zorder=0)
         ax.axvline(g, color="0.85", lw=0.6, zorder=0)
     if pooler == "roi_pool":
-        cells = roi_pool_cells(box, stride, output_size, (math.ceil(image_size / stride),) * 2)
-        for i, (ys, ye) in enumerate(cells["y_bins"].tolist()):
-            for j, (xs, xe) in enumerate(cells["x_bins"].tolist()):
-                colour = "tab:orange" if (i + j) % 2 else "tab:red"
-                ax.add_patch(Rectangle((xs * stride, ys * stride), (xe - xs) * stride,
-                                       (ye - ys) * stride, color=colour, alpha=0.25, lw=0))
+        _fill_bins(ax, roi_pool_cells(box, stride, output_size,
+                                      (math.ceil(image_size / stride),) * 2), stride)
+    elif pooler == "roi_pool_floor":
+        cells = floor_floor_cells(box, stride, output_size)
+        _fill_bins(ax, cells, stride)
+        fx1, fy1, fx2, fy2 = (v * stride for v in cells["floored_cells"].tolist())
+        ax.add_patch(Rectangle((fx1, fy1), fx2 - fx1, fy2 - fy1, fill=False, ls=":", lw=2,
+                               color="tab:red"))
     else:
-        pts = roi_align_points(box, stride, output_size, sampling_ratio, aligned)
-        for e in pts["y_edges_px"].tolist():
-            ax.plot(pts["x_edges_px"][[0, -1]].tolist(), [e, e], color="tab:blue", lw=0.8)
-        for e in pts["x_edges_px"].tolist():
-            ax.plot([e, e], pts["y_edges_px"][[0, -1]].tolist(), color="tab:blue", lw=0.8)
-        yy, xx = torch.meshgrid(pts["ys_px"].reshape(-1), pts["xs_px"].reshape(-1), indexing="ij")
-        ax.scatter(xx.reshape(-1), yy.reshape(-1), s=6, color="tab:blue", zorder=3)
+        _draw_samples(ax, box, stride, output_size, sampling_ratio, aligned)
     ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ls="--", lw=2, color="black"))
     ax.set_xlim(0, image_size)
     ax.set_ylim(image_size, 0)
     ax.set_aspect("equal")
-    ax.set_xlabel("x (input pixels)")
-    ax.set_ylabel("y (input pixels)")
+    ax.set(xlabel="x (input pixels)", ylabel="y (input pixels)")
+    top = ax.secondary_xaxis("top", functions=(lambda px: px / stride, lambda c: c * stride))
+    top.set_xlabel("x (feature cells)", fontsize=8)

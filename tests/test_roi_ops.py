@@ -182,7 +182,7 @@ def test_no_gradient_to_boxes_as_torchvision():
 
 # ---------------------------------------------------------------- teaching helpers
 def test_paper_worked_example():
-    ex = roi_teaching.paper_example()  # 800 px image, stride 32, 665 px box, 7 x 7
+    ex = roi_teaching.quantization_example()  # 800 px image, stride 32, 665 px box, 7 x 7
     assert ex["feature_size"] == 25
     assert round(ex["box_cells"], 2) == 20.78 and ex["roi_cells"] == 20
     assert round(ex["bin_cells"], 2) == 2.86 and ex["bin_quantized"] == 2
