@@ -131,8 +131,11 @@ def anchor_match_summary(image_size: int, stride: int, sizes: tuple[float, ...],
         dict with ``anchors`` ``Tensor[N, 4]``, ``ious`` ``Tensor[N]`` (IoU with the box),
         ``labels`` ``Tensor[N]`` int64 (1 positive, 0 negative, -1 ignored), ``num_anchors``,
         ``num_positive``, ``num_negative``, ``num_ignored``, ``num_low_quality`` (positives below
-        ``high``, matched only as the box's best anchors), ``best_iou``, ``feature_hw``,
-        ``stride`` and ``anchors_per_location``.
+        ``high``, matched only as the box's best anchors), ``best_iou``, ``no_overlap`` (the box
+        touches no anchor), ``feature_hw``, ``stride`` and ``anchors_per_location``.
+
+    The labels are the RPN's own (``matching.label_anchors``), edge cases included: a box that
+    touches no anchor makes every anchor a positive "best match" at IoU 0, as in torchvision.
     """
     if not 1 <= int(stride) <= int(image_size):
         raise ValueError(f"stride must be in [1, image_size={image_size}], got {stride}")
@@ -142,21 +145,17 @@ def anchor_match_summary(image_size: int, stride: int, sizes: tuple[float, ...],
     generator = AnchorGenerator((tuple(sizes),), (tuple(ratios),))
     side = int(image_size) // int(stride)
     anchors = generator((image_size, image_size), [(side, side)])[0]  # [N, 4]
-    ious = boxes.box_iou(gt[None], anchors)                           # [1, N]
-    # A box touching no anchor has best IoU 0, tied by every anchor; the best-match rule would
-    # then make ALL anchors positive (torchvision's Matcher does), so it needs a best IoU > 0.
-    allow_low = allow_low_quality_matches and bool(ious.max() > 0)
-    matched = matching.match(ious, high, low, allow_low)              # [N]
-    labels = torch.where(matched >= 0, 1, torch.where(matched == matching.BELOW_LOW_THRESHOLD, 0, -1))
-    ious = ious[0]
+    ious = boxes.box_iou(gt[None], anchors)[0]                        # [N]
+    labels, _ = matching.label_anchors(anchors, gt[None], high, low, allow_low_quality_matches)
     return {
-        "anchors": anchors, "ious": ious, "labels": labels,
+        "anchors": anchors, "ious": ious, "labels": labels.long(),
         "num_anchors": anchors.shape[0],
         "num_positive": int((labels == 1).sum()),
         "num_negative": int((labels == 0).sum()),
         "num_ignored": int((labels == -1).sum()),
         "num_low_quality": int(((labels == 1) & (ious < high)).sum()),
         "best_iou": float(ious.max()),
+        "no_overlap": bool(ious.max() == 0),
         "feature_hw": (side, side),
         "stride": int(image_size) // side,
         "anchors_per_location": generator.num_anchors_per_location()[0],
@@ -166,7 +165,10 @@ def anchor_match_summary(image_size: int, stride: int, sizes: tuple[float, ...],
 def summary_text(summary: dict) -> str:
     """The one-line read-out the chapter 02 widget shows for an ``anchor_match_summary``."""
     h, w = summary["feature_hw"]
-    return (f"{summary['num_anchors']} anchors ({h}x{w} cells x {summary['anchors_per_location']}"
+    text = (f"{summary['num_anchors']} anchors ({h}x{w} cells x {summary['anchors_per_location']}"
             f" per cell, stride {summary['stride']} px): {summary['num_positive']} positive"
             f" ({summary['num_low_quality']} only as best match), {summary['num_negative']} negative,"
             f" {summary['num_ignored']} ignored; best IoU {summary['best_iou']:.2f}")
+    if summary["no_overlap"]:
+        text += " (the box touches no anchor: every anchor ties as its best match, so all are positive)"
+    return text

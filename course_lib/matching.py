@@ -10,13 +10,15 @@ positive). The box head reuses both with one threshold of 0.5 and no low-quality
 Dimension letters: ``G`` ground-truth boxes, ``A`` anchors (or proposals) of one image.
 
 Public names: ``BELOW_LOW_THRESHOLD``, ``BETWEEN_THRESHOLDS``, ``match``, ``sample_balanced``,
-with the semantics of torchvision's ``det_utils.Matcher`` and
+``label_anchors`` (the RPN's rule, also what chapter 02's widget shows), with the semantics of torchvision's ``det_utils.Matcher`` and
 ``det_utils.BalancedPositiveNegativeSampler`` (``tests/test_matching.py`` checks equality).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from course_lib import boxes
 
 BELOW_LOW_THRESHOLD = -1  # best IoU < low: a negative (background) anchor
 BETWEEN_THRESHOLDS = -2   # low <= best IoU < high: ignored by the loss
@@ -99,3 +101,32 @@ def sample_balanced(labels_list: list[Tensor], batch_size_per_image: int, positi
         pos_masks.append(pos_mask)
         neg_masks.append(neg_mask)
     return pos_masks, neg_masks
+
+
+def label_anchors(anchors: Tensor, gt_boxes: Tensor, fg_iou: float = 0.7, bg_iou: float = 0.3,
+                  allow_low_quality_matches: bool = True) -> tuple[Tensor, Tensor]:
+    """Label one image's anchors for the RPN loss (Faster R-CNN §3.1.2).
+
+    Args:
+        anchors: ``Tensor[R, 4]`` xyxy pixels.
+        gt_boxes: ``Tensor[G, 4]`` xyxy pixels; ``G = 0`` (no object) makes every anchor negative.
+        fg_iou, bg_iou: IoU ``>= fg_iou`` is positive, ``< bg_iou`` negative, between ignored.
+        allow_low_quality_matches: each ground-truth box's best anchors are positive whatever their
+            IoU, so no object goes without a positive anchor (``match``). The RPN always uses it.
+
+    A box that overlaps no anchor at all has best IoU 0, tied by every anchor, so the best-match
+    rule makes every anchor positive for it. torchvision's Matcher does the same and we keep its
+    numbers; chapter 02 shows the case. It cannot happen in the course's models, whose largest
+    anchor is at least twice the stride, so every box overlaps some anchor.
+
+    Returns:
+        ``labels Tensor[R]`` float32: 1 positive, 0 negative, -1 ignored; and
+        ``matched_gt_boxes Tensor[R, 4]``: the ground-truth box each anchor regresses to
+        (meaningful for positives only; zeros without ground truth).
+    """
+    if gt_boxes.numel() == 0:
+        return anchors.new_zeros(anchors.shape[0]), torch.zeros_like(anchors)
+    matched_idxs = match(boxes.box_iou(gt_boxes, anchors), fg_iou, bg_iou, allow_low_quality_matches)  # [R]
+    labels = (matched_idxs >= 0).to(torch.float32)  # [R]
+    labels[matched_idxs == BETWEEN_THRESHOLDS] = -1.0
+    return labels, gt_boxes[matched_idxs.clamp(min=0)]  # [R], [R, 4]

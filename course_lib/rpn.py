@@ -11,14 +11,14 @@ Pipeline, one line each in ``RegionProposalNetwork.forward``:
    Faster R-CNN does not backpropagate through proposal coordinates;
 4. ``select_proposals``: top-k by objectness per level, clip to the image, drop tiny boxes, NMS
    per level, keep the best ``post_nms_top_n``;
-5. in training, ``label_anchors`` (IoU >= 0.7 positive, < 0.3 negative, each ground-truth box's
+5. in training, ``matching.label_anchors`` (IoU >= 0.7 positive, < 0.3 negative, each ground-truth box's
    best anchors positive), ``matching.sample_balanced`` (256 anchors, at most half positive) and
    ``rpn_loss`` (binary cross-entropy + smooth L1).
 
 Dimension letters: ``N`` images, ``A`` anchors per location, ``R`` anchors of one image over all
 levels, ``G`` ground-truth boxes, ``P`` proposals. Boxes are xyxy image pixels.
 
-Public names: ``RPNHead``, ``RegionProposalNetwork``, ``flatten_predictions``, ``label_anchors``,
+Public names: ``RPNHead``, ``RegionProposalNetwork``, ``flatten_predictions``,
 ``rpn_loss``, ``select_proposals``, ``level_anchor_sizes``. Numbers equal torchvision's
 ``models.detection.rpn`` (``tests/test_rpn.py``).
 """
@@ -93,30 +93,6 @@ def flatten_predictions(objectness: list[Tensor], deltas: list[Tensor]) -> tuple
     return torch.cat(flat_objectness, dim=1), torch.cat(flat_deltas, dim=1)
 
 
-def label_anchors(anchors: Tensor, gt_boxes: Tensor, fg_iou: float = 0.7,
-                  bg_iou: float = 0.3) -> tuple[Tensor, Tensor]:
-    """Label one image's anchors for the RPN loss (Faster R-CNN §3.1.2).
-
-    Args:
-        anchors: ``Tensor[R, 4]`` xyxy pixels.
-        gt_boxes: ``Tensor[G, 4]`` xyxy pixels; ``G = 0`` (no object) makes every anchor negative.
-        fg_iou, bg_iou: IoU ``>= fg_iou`` is positive, ``< bg_iou`` negative, between ignored.
-            Each ground-truth box's best anchors are positive whatever their IoU, so no object
-            goes without a positive anchor (``matching.match(..., allow_low_quality_matches=True)``).
-    Returns:
-        ``labels Tensor[R]`` float32: 1 positive, 0 negative, -1 ignored; and
-        ``matched_gt_boxes Tensor[R, 4]``: the ground-truth box each anchor regresses to
-        (meaningful for positives only; zeros without ground truth).
-    """
-    if gt_boxes.numel() == 0:
-        return anchors.new_zeros(anchors.shape[0]), torch.zeros_like(anchors)
-    matched_idxs = matching.match(box_ops.box_iou(gt_boxes, anchors), fg_iou, bg_iou,
-                                  allow_low_quality_matches=True)  # [R]
-    labels = (matched_idxs >= 0).to(torch.float32)  # [R]
-    labels[matched_idxs == matching.BETWEEN_THRESHOLDS] = -1.0
-    return labels, gt_boxes[matched_idxs.clamp(min=0)]  # [R], [R, 4]
-
-
 def rpn_loss(objectness: Tensor, deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor],
              pos_masks: list[Tensor], neg_masks: list[Tensor]) -> tuple[Tensor, Tensor]:
     """The RPN's two losses over the sampled anchors of all images (Faster R-CNN eq. 1).
@@ -124,7 +100,7 @@ def rpn_loss(objectness: Tensor, deltas: Tensor, labels: list[Tensor], regressio
     Args:
         objectness: ``Tensor[N, R]`` logits.
         deltas: ``Tensor[N, R, 4]`` predicted deltas.
-        labels: per image ``Tensor[R]`` (1, 0, -1) from ``label_anchors``.
+        labels: per image ``Tensor[R]`` (1, 0, -1) from ``matching.label_anchors``.
         regression_targets: per image ``Tensor[R, 4]``, ``BoxCoder.encode(matched_gt_boxes, anchors)``.
         pos_masks, neg_masks: per image bool ``Tensor[R]``, the sampled mini-batch
             (``matching.sample_balanced``).
@@ -257,7 +233,7 @@ class RegionProposalNetwork(nn.Module):
         cfg = self.config
         labels, regression_targets = [], []
         for target in targets:
-            labels_per_image, matched_gt_boxes = label_anchors(anchors, target["boxes"].to(anchors),
+            labels_per_image, matched_gt_boxes = matching.label_anchors(anchors, target["boxes"].to(anchors),
                                                                cfg.rpn_fg_iou, cfg.rpn_bg_iou)
             labels.append(labels_per_image)  # [R]
             regression_targets.append(self.box_coder.encode(matched_gt_boxes, anchors))  # [R, 4]

@@ -4,7 +4,7 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from course_lib import anchors
+from course_lib import anchors, matching
 
 
 def torchvision_anchors(sizes, ratios, image_hw, feature_hws):
@@ -94,13 +94,17 @@ def test_summary_extreme_values_are_consistent(args):
     assert s["anchors"].shape == (n, 4) and s["ious"].shape == (n,) and s["labels"].shape == (n,)
     assert s["num_positive"] + s["num_negative"] + s["num_ignored"] == n
     assert 0.0 <= s["best_iou"] <= 1.0
-    assert ((s["labels"] == 1) == ((s["ious"] >= 0.7) | ((s["ious"] == s["best_iou"]) & (s["best_iou"] > 0)))).all()
+    assert ((s["labels"] == 1) == ((s["ious"] >= 0.7) | (s["ious"] == s["best_iou"]))).all()
     assert ((s["labels"] == 0) == ((s["ious"] < 0.3) & (s["labels"] != 1))).all()
 
 
-def test_summary_border_box_with_no_overlap_has_no_positives():
+def test_summary_border_box_with_no_overlap_shows_the_rpns_edge_case():
+    # the RPN's rule (torchvision's): every anchor ties at IoU 0 as the box's best, so all are positive
     s = anchors.anchor_match_summary(128, 64, (8,), (1.0,), (120, 120, 128, 128))
-    assert s["best_iou"] == 0.0 and s["num_positive"] == 0 and s["num_negative"] == s["num_anchors"]
+    assert s["best_iou"] == 0.0 and s["no_overlap"] and s["num_positive"] == s["num_anchors"] == 4
+    assert "touches no anchor" in anchors.summary_text(s)
+    labels, _ = matching.label_anchors(s["anchors"], torch.tensor([[120.0, 120, 128, 128]]))
+    assert torch.equal(s["labels"], labels.long())
 
 
 def test_summary_low_quality_match():

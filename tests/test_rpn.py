@@ -94,7 +94,7 @@ def test_labels_and_loss_match_torchvision_pieces():
     labels, regression_targets = [], []
     coder = boxes.BoxCoder()
     for t, tv_l, tv_m in zip(targets, tv_labels, tv_matched):
-        lab, matched = rpn.label_anchors(anchors, t["boxes"], 0.7, 0.3)
+        lab, matched = matching.label_anchors(anchors, t["boxes"], 0.7, 0.3)
         torch.testing.assert_close(lab, tv_l, rtol=0, atol=0)
         torch.testing.assert_close(matched, tv_m, rtol=0, atol=0)
         labels.append(lab)
@@ -122,7 +122,7 @@ def test_label_anchors_hand_worked():
         [56, 50, 66, 60],   # 40 / 160 = 0.25 with B     -> negative
         [100, 100, 120, 120],  # no overlap              -> negative
     ])
-    labels, matched = rpn.label_anchors(anchors, gt, 0.7, 0.3)
+    labels, matched = matching.label_anchors(anchors, gt, 0.7, 0.3)
     assert labels.tolist() == [1, 1, 1, -1, -1, 0, 1, 0, 0]
     torch.testing.assert_close(matched[[0, 1, 2, 6]], gt[[0, 0, 0, 1]])
 
@@ -141,7 +141,7 @@ def test_no_objects_gives_finite_losses():
     sum(losses.values()).backward()
     assert torch.isfinite(features[0].grad).all()
     assert all(torch.isfinite(p).all() for p in proposals)
-    labels, matched = rpn.label_anchors(boxes.box_iou(torch.zeros(0, 4), torch.zeros(0, 4)).new_zeros(5, 4),
+    labels, matched = matching.label_anchors(boxes.box_iou(torch.zeros(0, 4), torch.zeros(0, 4)).new_zeros(5, 4),
                                         torch.zeros(0, 4))
     assert labels.tolist() == [0.0] * 5 and matched.abs().sum() == 0
 
