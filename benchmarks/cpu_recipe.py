@@ -1,4 +1,4 @@
-"""Why ``model.cpu_config`` looks the way it does: the CPU recipe built up one change at a time.
+"""Why ``presets.cpu_config`` looks the way it does: the CPU recipe built up one change at a time.
 
     .venv/bin/python benchmarks/cpu_recipe.py [--variants paper-c4,stride8,...] [--threads 1]
 
@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from course_lib import data, evaluate, model, train, utils
+from course_lib import data, evaluate, model, presets, train, utils
 
 PAPER = dict(width=32)   # ModelConfig's defaults are the paper-like design; only the trunk is the recipe's width
 RPN = {**PAPER, "rpn_fg_iou": 0.5, "rpn_batch_size_per_image": 64}
 STRIDE8 = {**RPN, "stride": 8}
 POSITIVES = {**STRIDE8, "box_positive_fraction": 0.5}
-# name: (changes to ModelConfig, steps, lr); "cpu_config" is exactly model.cpu_config()
+# name: (changes to ModelConfig, steps, lr); "cpu_config" is exactly presets.cpu_config()
 VARIANTS = {
     "paper-c4":        (PAPER, 800, 0.02),
     "rpn-iou-0.5":     (RPN, 800, 0.02),
@@ -30,7 +30,7 @@ VARIANTS = {
     "pos0.5-lr0.06":   (POSITIVES, 800, 0.06),
     "width64":         ({**POSITIVES, "width": 64}, 800, 0.06),
     "1600-steps":      (POSITIVES, 1600, 0.06),
-    "cpu_config":      (model.CPU_RECIPE, 2400, 0.06),
+    "cpu_config":      (presets.CPU_RECIPE, 2400, 0.06),
 }
 
 
@@ -40,8 +40,7 @@ def run(name: str, threads: int) -> str:
     utils.seed_everything(0)
     detector = model.MaskRCNN(dataclasses.replace(model.ModelConfig(), **changes, with_mask=False))
     start = time.perf_counter()
-    train.fit(detector, data.ShapesDataset(steps * 8, seed=0), steps=steps, batch_size=8, lr=lr,
-              warmup_steps=min(100, steps // 5), schedule="onecycle", seed=0, progress=False)
+    train.fit(detector, data.ShapesDataset(steps * 8, seed=0), presets.cpu_training(steps, lr=lr), progress=False)
     minutes = (time.perf_counter() - start) / 60
     box = evaluate.coco_evaluate(detector, data.ShapesDataset(500, seed=1))["bbox"]
     return (f"{name:14s} steps {steps:5d}  lr {lr:.2f}  train {minutes:4.1f} min ({threads} threads)  "

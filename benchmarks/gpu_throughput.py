@@ -22,7 +22,7 @@ import time
 import torch
 import torchvision
 
-from course_lib import data, model, train, train_cli
+from course_lib import data, model, presets, train
 
 
 def _batches(image_size: int, batch_size: int, count: int, device: torch.device) -> list:
@@ -36,7 +36,7 @@ def _batches(image_size: int, batch_size: int, count: int, device: torch.device)
 
 
 def _ours(num_classes: int) -> torch.nn.Module:
-    return model.MaskRCNN(dataclasses.replace(train_cli.gpu_run().model, num_classes=num_classes))
+    return model.MaskRCNN(dataclasses.replace(presets.gpu_config(), num_classes=num_classes))
 
 
 def _torchvision(num_classes: int, image_size: int) -> torch.nn.Module:

@@ -35,7 +35,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from course_lib import data, evaluate, model, rpn, train, utils
+from course_lib import data, evaluate, model, presets, rpn, train, utils
 
 
 class BackboneForTorchvision(nn.Module):
@@ -132,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     utils.seed_everything(0)
-    config = model.cpu_config(with_mask=args.model == "mask", fpn=args.fpn)
+    config = presets.cpu_config(with_mask=args.model == "mask", fpn=args.fpn)
     ours = model.MaskRCNN(config)
     nets = {"ours": ours, "torchvision": torchvision_twin(ours)}
     print(f"{args.model} R-CNN{' + FPN' if args.fpn else ''}, {args.steps} steps of {args.batch_size} images, "

@@ -1,15 +1,62 @@
-"""``ModelConfig``: every choice and size of the course's Faster/Mask R-CNN in one frozen dataclass.
+"""Every configuration of the course in frozen dataclasses: the network, the refiner, a training run.
 
-The defaults are the paper's ResNet-C4 design scaled to the 128 px shapes images (light heads, few
-proposals), with the paper's value named in each comment where ours differs. The chapters train
-``model.cpu_config()``, which changes a few of them for small objects and a 2-core CPU (see
-``model.CPU_RECIPE``). Ablations never mutate a
-config: they make a new one with ``dataclasses.replace(config, pooler="roi_pool")``.
-``course_lib.model`` re-exports it as ``model.ModelConfig``.
+* ``ModelConfig``: every choice and size of the course's Faster/Mask R-CNN. The defaults are the
+  paper's ResNet-C4 design scaled to the 128 px shapes images (light heads, few proposals), with
+  the paper's value named in each comment where ours differs. It describes the whole network,
+  the optional Mask Transfiner refiner included (``refiner``), so a checkpoint that stores it
+  rebuilds the exact model (``checkpoints.load_model``).
+* ``TransfinerConfig``: sizes and choices of chapter 09's refinement stage.
+* ``TrainConfig``: one training run of ``train.fit`` (schedule, batch, checkpoints, speed switches).
+* ``RunConfig``: what the command line trains: data, a ``ModelConfig`` and a ``TrainConfig``.
+
+Configs are never mutated: an ablation makes a new one, ``dataclasses.replace(config,
+pooler="roi_pool")``. The named presets (the CPU recipe, quick, GPU) live in ``presets``.
+``course_lib.model`` re-exports ``ModelConfig`` as ``model.ModelConfig``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+
+def _check_choices(obj, choices: dict[str, tuple]) -> None:
+    for field, allowed in choices.items():
+        if getattr(obj, field) not in allowed:
+            raise ValueError(f"{type(obj).__name__}.{field}={getattr(obj, field)!r}; expected one of {allowed}")
+
+
+@dataclass(frozen=True)
+class TransfinerConfig:
+    """Sizes and choices of the refinement stage (Mask Transfiner, Ke et al. 2022; chapter 09).
+
+    Two defaults differ from the paper, both measured on the shapes data (tests and chapter 09):
+    the detector learns the wide ``soft_incoherent_band`` (the strict regions depend on sub-cell
+    detail the detector cannot see, so it misses many of them; the soft band is easy to predict
+    and covers nearly all wrong pixels), and the node labels are learned with BCE (the paper's
+    L1 on probabilities stalls for many steps at the start of training).
+    """
+    sizes: tuple[int, int, int] = (28, 56, 112)  # quadtree levels: RoI grid sides (paper: 28, 56, 112)
+    d_model: int = 64               # node vector width, divisible by 4 for the sine encoding
+    num_heads: int = 4              # attention heads of the sequence encoder
+    num_layers: int = 2             # encoder layers (attention + feed-forward each)
+    ffn_dim: int = 128              # hidden width of each feed-forward layer
+    detector_channels: int = 64     # width of the detector's four 3x3 convs
+    incoherent_factor: int = 2      # down/up-sampling factor defining incoherence (paper: 2)
+    incoherent_target: str = "soft"  # detector target: "soft" band (released code) or "strict" (paper)
+    detector_thresh: float = 0.25   # root if detector probability >= this; low: a missed root cannot be fixed
+    max_roots: int = 160            # inference: at most this many roots per RoI (most confident first)
+    node_loss: str = "bce"          # node label loss: "bce", or "l1" (paper; slow to start, see refine_loss)
+    max_nodes: int = 256            # nodes per attention sequence (released code: 150 per level)
+    score_thresh: float = 0.5       # refine detections scoring at least this (released code: top 10 per image)
+    seed: int = 0                   # fixed generator for grouping nodes at inference: same input, same mask
+
+    def __post_init__(self):
+        _check_choices(self, {"incoherent_target": ("strict", "soft"), "node_loss": ("l1", "bce")})
+        if self.d_model % 4 or self.d_model % self.num_heads:
+            raise ValueError(f"TransfinerConfig.d_model={self.d_model} must be divisible by 4 "
+                             f"and by num_heads={self.num_heads}")
+        if any(b != 2 * a for a, b in zip(self.sizes, self.sizes[1:])):
+            raise ValueError(f"TransfinerConfig.sizes={self.sizes} must double level to level")
 
 
 @dataclass(frozen=True)
@@ -68,17 +115,102 @@ class ModelConfig:
     mask_loss: str = "sigmoid"      # "sigmoid" (per-class, decoupled) or "softmax" (coupled)
 
     # ---- Mask Transfiner refinement (chapter 09) -----------------------------------------
-    refine: bool = False            # add model.refiner; trained as a second stage (transfiner_model.fit_refiner)
-    refine_score_thresh: float = 0.5  # refine detections scoring at least this (released code: top 10 per image)
+    refiner: TransfinerConfig | None = None  # a refinement stage on top (trained second: train_refiner)
 
     def __post_init__(self):
-        choices = {"backbone": ("tiny", "resnet50"), "stride": (8, 16, 32), "norm": ("bn", "gn"),
-                   "pooler": ("roi_align", "roi_pool"), "mask_loss": ("sigmoid", "softmax")}
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}; expected one of {allowed}")
+        _check_choices(self, {"backbone": ("tiny", "resnet50"), "stride": (8, 16, 32), "norm": ("bn", "gn"),
+                              "pooler": ("roi_align", "roi_pool"), "mask_loss": ("sigmoid", "softmax")})
         if self.num_classes < 2:
             raise ValueError(f"ModelConfig.num_classes={self.num_classes}: needs background + at least 1 class")
-        if self.refine and (not self.with_mask or self.mask_loss != "sigmoid"):
-            raise ValueError(f"ModelConfig.refine=True needs the sigmoid mask branch (with_mask={self.with_mask}, "
+        if self.refiner is not None and (not self.with_mask or self.mask_loss != "sigmoid"):
+            raise ValueError(f"ModelConfig.refiner needs the sigmoid mask branch (with_mask={self.with_mask}, "
                              f"mask_loss={self.mask_loss!r}): the refiner reads per-class sigmoid mask logits")
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "ModelConfig":
+        """The config ``dataclasses.asdict`` wrote (a checkpoint's), refiner included; unknown fields raise."""
+        return _from_dict(cls, fields, refiner=TransfinerConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One run of ``train.fit``: what to optimise, how long, and how fast.
+
+    The recipe is Mask R-CNN's (§3.1: SGD, momentum 0.9, weight decay 1e-4, linear warm-up)
+    shrunk to a CPU. ``stage="refiner"`` trains only a Mask Transfiner refiner on the frozen
+    detector (chapter 09), with Adam as the released code. The speed switches (``amp``,
+    ``channels_last``, ``workers``, ``compile``) and the logging intervals never change the
+    numbers a run computes; a resume compares every other field.
+    """
+    steps: int = 800
+    batch_size: int = 8             # images per step, over all processes
+    lr: float = 0.02                # Mask R-CNN: 0.02 at batch 16
+    warmup_steps: int = 50          # linear warm-up; a from-scratch detector diverges without it
+    schedule: str = "onecycle"      # "cosine", "onecycle" or "constant" (train.lr_factor)
+    grad_clip: float | None = 10.0  # max global gradient norm; guards early spikes
+    seed: int = 0                   # data order (train.batch_indices) and sampling
+    optimizer: str = "sgd"          # "sgd" (the paper) or "adam" (the refiner)
+    stage: str = "detector"         # "detector": the whole model; "refiner": its refiner only
+    eval_every: int = 0             # steps between pycocotools evaluations (and at the end); 0: never
+    checkpoint_every: int = 0       # steps between checkpoints (and at the end); 0: at the end only
+    amp: bool = False               # mixed precision (CUDA only: bf16, else fp16 + GradScaler)
+    channels_last: bool = False     # NHWC layout (faster convolutions on tensor cores)
+    workers: int = 0                # DataLoader worker processes
+    compile: bool = False           # torch.compile the training forward
+
+    SPEED_FIELDS = ("eval_every", "checkpoint_every", "amp", "channels_last", "workers", "compile")
+
+    def __post_init__(self):
+        _check_choices(self, {"schedule": ("cosine", "onecycle", "constant"), "optimizer": ("sgd", "adam"),
+                              "stage": ("detector", "refiner")})
+        for field in ("steps", "batch_size"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+                raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r}; expected an int >= 1")
+        for field in ("warmup_steps", "eval_every", "checkpoint_every", "workers"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r}; expected >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr={self.lr!r}; expected a positive learning rate")
+
+    def numeric_fields(self) -> dict:
+        """The fields that change the numbers a run computes (compared on resume)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.SPEED_FIELDS}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What ``python -m course_lib.train`` trains: the data, the network and the training run."""
+    name: str                       # the preset it came from
+    model: ModelConfig
+    train: TrainConfig
+    data: str = "shapes"            # "shapes" (drawn by code) or "coco" (any COCO-format set on disk)
+    image_size: int = 128           # shapes: image side; coco: longest side after resizing (px)
+    train_images: int = 2000        # shapes only; a COCO set brings its own
+    val_images: int = 200           # shapes only (a different seed from the training set)
+    device: str = "auto"            # "auto", "cpu" or "cuda"
+    coco_images: str | None = None
+    coco_annotations: str | None = None
+
+    def __post_init__(self):
+        _check_choices(self, {"data": ("shapes", "coco"), "device": ("auto", "cpu", "cuda")})
+        if self.image_size < 32:
+            raise ValueError(f"RunConfig.image_size={self.image_size}; expected >= 32 px")
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "RunConfig":
+        """The run ``dataclasses.asdict`` wrote (``run.json``), nested configs included."""
+        fields = {**fields, "model": ModelConfig.from_dict(fields["model"]),
+                  "train": _from_dict(TrainConfig, fields["train"])}
+        return _from_dict(cls, fields)
+
+
+def _from_dict(cls, fields: dict, **nested):
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no fields {unknown} (written by another version of course_lib?)")
+    values = {}
+    for name, value in fields.items():
+        if name in nested and isinstance(value, dict):
+            value = _from_dict(nested[name], value)
+        values[name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)

@@ -7,7 +7,7 @@ edges), of 6 to 50 px on a 128 px image, over a textured colour gradient, where 
 occlude earlier ones. The same code path then reads any real COCO-format set.
 
 Public names: ``CLASSES``, ``NUM_CLASSES``, ``ShapesDataset``, ``shape_mask``, ``collate_fn``,
-``to_coco``, ``save_coco``, ``CocoDataset``.
+``to_coco``, ``save_coco``, ``CocoDataset``, ``Resized``.
 
 Conventions (torchvision's): image float ``Tensor[3, H, W]`` in [0, 1]; a target dict with
 ``boxes`` float32 ``Tensor[N, 4]`` (xyxy, continuous pixel coordinates: pixel (row r, col c)
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -342,3 +343,33 @@ class CocoDataset(torch.utils.data.Dataset):
                        "image_id": info["id"],
                        "area": torch.tensor([float(a.get("area", 0)) for a in anns], dtype=torch.float32),
                        "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64)}
+
+
+class Resized(torch.utils.data.Dataset):
+    """A data set whose images are shrunk so the longest side is at most ``max_size`` pixels.
+
+    Boxes scale with the image, masks are resized nearest-neighbour (they stay 0/1). Smaller
+    images are left as they are. ``classes`` is kept, so ``to_coco`` can build the ground
+    truth of the resized images for evaluation.
+    """
+
+    def __init__(self, dataset, max_size: int):
+        self.dataset, self.max_size, self.image_size = dataset, max_size, max_size
+        self.classes = getattr(dataset, "classes", CLASSES)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, target = self.dataset[i]
+        height, width = image.shape[-2:]
+        scale = self.max_size / max(height, width)
+        if scale >= 1:
+            return image, target
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]  # [3, h, w]
+        masks = target["masks"].new_zeros((0, *size))                                         # [0, h, w]
+        if len(target["masks"]):
+            masks = F.interpolate(target["masks"][None].float(), size=size, mode="nearest")[0]  # [N, h, w]
+        factors = torch.tensor([size[1] / width, size[0] / height] * 2)
+        return image, {**target, "boxes": target["boxes"] * factors, "masks": masks.to(torch.uint8)}

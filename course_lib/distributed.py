@@ -13,7 +13,7 @@ The data order stays the one of a single-process run: each step's global batch i
 averaged over the N equal shards equals the single-process gradient of the whole batch (up to
 BatchNorm, whose statistics stay per replica). Only rank 0 writes files and shows progress.
 
-Public names: ``DEVICES``, ``DeviceError``, ``setup``, ``cleanup``, ``rank``, ``world_size``, ``is_main``, ``resolve_device``,
+Public names: ``setup``, ``cleanup``, ``rank``, ``world_size``, ``is_main``,
 ``shard``, ``barrier``, ``mean_across_ranks``, ``any_across_ranks``, ``gather_objects``,
 ``append_jsonl``, ``read_jsonl``.
 """
@@ -25,12 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-DEVICES = ("auto", "cpu", "cuda")
-
-
-class DeviceError(RuntimeError):
-    """The device asked for is not there (CUDA without a GPU, a LOCAL_RANK without its GPU)."""
 
 
 def rank() -> int:
@@ -46,27 +40,6 @@ def world_size() -> int:
 def is_main() -> bool:
     """True on rank 0, the one process that prints, logs metrics and writes checkpoints."""
     return rank() == 0
-
-
-def resolve_device(requested: str = "auto") -> torch.device:
-    """The device this process trains on: ``"auto"`` (CUDA if present), ``"cpu"`` or ``"cuda"``.
-
-    Under torchrun each process takes GPU ``LOCAL_RANK``. Asking for ``"cuda"`` on a machine
-    without one is an error, not a silent fall-back to a run 50x slower.
-    """
-    if requested not in DEVICES:
-        raise ValueError(f"device={requested!r}; expected one of {DEVICES}")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("device='cuda' was asked for but no CUDA GPU is visible "
-                           f"(torch {torch.__version__}, cuda build {torch.version.cuda}); "
-                           "use --device cpu or --device auto")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if local_rank >= torch.cuda.device_count():
-        raise DeviceError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
 
 
 def setup(device: torch.device) -> int:

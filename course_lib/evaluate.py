@@ -6,8 +6,11 @@ and reports it also by object area (small < 32^2 px, medium < 96^2, large). Mask
 exactly these (Tables 1-3). ``voc_ap`` is the older PASCAL VOC metric (one IoU threshold, all-point
 interpolation) written out in a page so the notebook can show how the two differ.
 
+``roi_masks`` looks at masks alone: the coarse (and refined, chapter 09) mask of every
+ground-truth object on its exact box, with no detection in between.
+
 Public names: ``METRICS``, ``predict``, ``coco_results``, ``coco_metrics``, ``coco_evaluate``,
-``average_precision``, ``voc_ap``.
+``average_precision``, ``voc_ap``, ``roi_masks``.
 
 Dimensions: D detections, G ground-truth objects, H x W image size.
 """
@@ -23,7 +26,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
-from course_lib import boxes, data
+from course_lib import boxes, data, refinement
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -197,3 +200,32 @@ def _voc_ap_class(detections, targets, label: int, iou_threshold: float) -> floa
     recall = cum_tp / max(num_gt, 1)
     precision = cum_tp / np.arange(1, len(found) + 1)
     return average_precision(recall, precision)
+
+
+@torch.no_grad()
+def roi_masks(model: nn.Module, dataset, indices: list[int] | None = None, batch_size: int = 8) -> dict[str, Tensor]:
+    """Coarse (and, with a refiner, refined) masks of every ground-truth object, on its exact box.
+
+    Returns ``{"coarse": Tensor[K, 28, 28]`` probabilities, ``"gt_28", "gt_56", "gt_112"``: ground
+    truth per level in [0, 1], ``"labels": Tensor[K]``, and when ``model.refiner`` exists: ``"refined":
+    Tensor[K, 112, 112]``, ``"incoherent_probs": Tensor[K, 28, 28]``, ``"nodes": Tensor[K]`` quadtree
+    nodes per RoI}``. Isolates mask quality from detection quality: chapter 09's error analysis runs on this.
+    """
+    model.eval()
+    refiner = model.refiner
+    sizes = refiner.config.sizes if refiner is not None else (28, 56, 112)
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, len(indices), batch_size):
+        images, targets = data.collate_fn([dataset[i] for i in indices[start:start + batch_size]])
+        inputs = refinement.ground_truth_inputs(model, images, targets, sizes, 0.0, torch.Generator())
+        found = {"coarse": inputs["coarse_mask_logits"].sigmoid(), "labels": inputs["labels"]}
+        found.update({f"gt_{size}": gt for size, gt in zip(sizes, inputs["gt_masks"])})
+        if refiner is not None:
+            out = refiner.eval().refine(inputs["features"], inputs["coarse_mask_logits"])
+            roi_index = torch.cat([nodes[:, 0] for nodes in out["quadtree"].nodes])
+            found.update(refined=out["masks"], incoherent_probs=out["incoherent_probs"],
+                         nodes=torch.bincount(roi_index, minlength=len(inputs["labels"])))
+        for name, value in found.items():
+            parts.setdefault(name, []).append(value.cpu())
+    return {name: torch.cat(values) for name, values in parts.items()}

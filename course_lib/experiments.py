@@ -20,8 +20,8 @@ COCO images of about 640 px. On 128 px images they put nearly every object in "s
 "large" (APl = -1). Each record therefore also carries ``APs``/``APm``/``APl`` with the ranges scaled
 by (image_size / 640)^2 (``scaled_area_ranges``), under ``box_scaled`` and ``mask_scaled``.
 
-Public names: ``METRICS``, ``PAPER_TABLE2``, ``ablation_grid``, ``Settings``, ``train_variant``, ``run_one``,
-``run_grid``, ``scaled_area_ranges``, ``scaled_area_metrics``, ``summarize``, ``machine_info``,
+Public names: ``PAPER_TABLE2``, ``ablation_grid``, ``Settings``, ``train_variant``, ``run_one``,
+``run_grid``, ``scaled_area_ranges``, ``scaled_area_metrics``, ``summarize``,
 ``load_records``, ``save_records``, ``main``.
 """
 from __future__ import annotations
@@ -31,8 +31,6 @@ import dataclasses
 import json
 import math
 import multiprocessing
-import os
-import platform
 import sys
 import time
 import traceback
@@ -42,9 +40,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from course_lib import data, evaluate, model, train, utils
+from course_lib import data, evaluate, model, presets, train, utils
+from course_lib.config import TrainConfig
 
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 SIZE_METRICS = ("APs", "APm", "APl")
 COCO_IMAGE_SIZE = 640     # px, the long side of a typical COCO image, where 32^2 / 96^2 were set
 
@@ -72,13 +70,6 @@ def ablation_grid() -> dict[str, dict]:
     return grid
 
 
-def machine_info() -> dict:
-    """Where a run happened: CPU or GPU name, thread count, torch version."""
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": platform.processor() or platform.machine(), "gpu": gpu, "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-
 def load_records(path: Path) -> list[dict]:
     """The records already in ``path`` (an empty list when it does not exist yet)."""
     return _load(Path(path)).get("runs", [])
@@ -102,20 +93,17 @@ def save_records(path: Path, records: list[dict], header: dict) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What every run of a grid shares: data, schedule and evaluation size."""
-    steps: int = 400
-    batch_size: int = 8
-    lr: float = 0.02
-    schedule: str = "cosine"   # train.lr_factor's decay
+    """What every run of a grid shares: data, training schedule (its seed is each run's) and evaluation size."""
+    train: TrainConfig = TrainConfig(steps=400, batch_size=8, lr=0.02, schedule="cosine")
     num_train: int = 2000
     num_val: int = 300
     image_size: int = 128      # px, the shapes images' side
     data_seed: int = 0         # the training images; validation uses data_seed + 1
-    small_model: bool = False  # model.quick_config (narrower) instead of model.cpu_config
+    small_model: bool = False  # presets.quick_config (narrower) instead of presets.cpu_config
 
     @staticmethod
     def quick() -> "Settings":
-        return Settings(steps=2, batch_size=2, num_train=4, num_val=2, small_model=True)
+        return Settings(TrainConfig(steps=2, batch_size=2, warmup_steps=0), num_train=4, num_val=2, small_model=True)
 
 
 def scaled_area_ranges(image_size: int) -> dict[str, tuple[float, float]]:
@@ -140,7 +128,7 @@ def scaled_area_metrics(coco_gt: dict, results: list[dict], iou_type: str, image
 
 def _evaluate(net, val_set, settings: Settings) -> dict:
     """Box and mask metrics of ``net`` on ``val_set``: COCO's fixed ranges and the scaled ones."""
-    detections = evaluate.predict(net, val_set, batch_size=settings.batch_size)
+    detections = evaluate.predict(net, val_set, batch_size=settings.train.batch_size)
     coco_gt = data.to_coco(val_set)
     out = {}
     for kind, iou_type, results in zip(("box", "mask"), ("bbox", "segm"), evaluate.coco_results(detections)):
@@ -155,15 +143,13 @@ def _evaluate(net, val_set, settings: Settings) -> dict:
 def train_variant(changes: dict, seed: int, settings: Settings, base: model.ModelConfig | None = None
                   ) -> tuple[model.MaskRCNN, dict, float]:
     """Train one variant with one seed, as the grid does: ``(model in eval mode, train.fit's history, seconds)``."""
-    preset = model.quick_config if settings.small_model else model.cpu_config
+    preset = presets.quick_config if settings.small_model else presets.cpu_config
     config = dataclasses.replace(base or preset(), **changes)
     utils.seed_everything(seed)  # the model's initial weights depend on the seed
     train_set = data.ShapesDataset(settings.num_train, settings.image_size, seed=settings.data_seed)
     net = model.MaskRCNN(config)
     tick = time.perf_counter()
-    history = train.fit(net, train_set, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
-                        warmup_steps=min(50, settings.steps // 4), schedule=settings.schedule,
-                        seed=seed, progress=False)
+    history = train.fit(net, train_set, dataclasses.replace(settings.train, seed=seed), progress=False)
     return net.eval(), history, time.perf_counter() - tick
 
 
@@ -183,7 +169,7 @@ def _run_record(name: str, changes: dict, seed: int, settings: Settings, base, t
     """One grid cell as a record; a run that raises is recorded as failed (the grid goes on)."""
     if threads is not None:
         torch.set_num_threads(threads)
-    record = {"variant": name, "changes": changes, "seed": seed, "steps": settings.steps, "machine": machine_info()}
+    record = {"variant": name, "changes": changes, "seed": seed, "steps": settings.train.steps, "machine": utils.machine_info()}
     try:
         record.update(status="ok", **run_one(changes, seed, settings, base))
     except Exception as err:  # a broken variant must not cost the others
@@ -273,8 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="*", default=None, help="only these variants")
     args = parser.parse_args(argv)
     settings = Settings.quick() if args.quick else Settings()
-    for field, value in (("steps", args.steps), ("batch_size", args.batch_size), ("num_val", args.num_val),
-                         ("lr", args.lr), ("schedule", args.schedule), ("small_model", args.small_model or None)):
+    fit_flags = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule}
+    settings = dataclasses.replace(settings, train=dataclasses.replace(
+        settings.train, **{k: v for k, v in fit_flags.items() if v is not None}))
+    for field, value in (("num_val", args.num_val), ("small_model", args.small_model or None)):
         if value is not None:
             settings = dataclasses.replace(settings, **{field: value})
     if args.threads is not None:

@@ -9,8 +9,8 @@ losses; ``model(images)`` in eval mode returns one dict per image with ``boxes``
 Unlike torchvision, images are not resized (the shapes images are already small): they are
 normalised and zero-padded to a common size divisible by ``config.size_divisible``.
 
-Public names: ``ModelConfig`` (re-exported), ``MaskRCNN``, ``FasterRCNN``, ``validate_inputs``,
-``batch_images``, presets ``cpu_config``, ``quick_config``.
+Public names: ``ModelConfig`` (re-exported), ``MaskRCNN``, ``FasterRCNN``, ``add_refiner``,
+``validate_inputs``, ``batch_images``. The named configs (the CPU recipe) are in ``presets``.
 
 Dimensions: N images, C channels, H x W image size, D detections.
 """
@@ -21,42 +21,10 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from course_lib import backbone, fpn, mask_head, roi_heads, rpn
-from course_lib.config import ModelConfig
+from course_lib import backbone, fpn, mask_head, refinement, roi_heads, rpn
+from course_lib.config import ModelConfig, TransfinerConfig
 
-__all__ = ["ModelConfig", "MaskRCNN", "FasterRCNN", "validate_inputs", "batch_images",
-           "cpu_config", "quick_config"]
-
-
-# The CPU recipe: where it departs from ModelConfig's defaults (the paper's ResNet-C4 design scaled
-# to 128 px), and why. Each change was measured on 500 held-out shapes images (notes in chapter 05).
-CPU_RECIPE = dict(
-    stride=8,                       # C3: the shapes are 6-50 px, a stride-16 cell is bigger than the smallest
-    width=32,                       # width 64 was 2x slower per step and no better after the same steps
-    rpn_fg_iou=0.5,                 # paper 0.7: few small objects have any anchor at IoU 0.7
-    rpn_batch_size_per_image=64,    # paper 256: ~2 objects per image give a handful of positives
-    rpn_pre_nms_top_n_train=500,    # NMS over 1000 boxes per image was 13% of a step
-    rpn_post_nms_top_n_train=200,
-    box_positive_fraction=0.5,      # paper 0.25: more foreground RoIs per step teach the classes sooner
-    sampling_ratio=1,               # paper 2: a bin is under one stride-8 cell here; 20% faster, same idea
-    mask_conv_channels=32,          # paper 256: mask AP 0.68 at 32 channels, 0.70 at 64, 1.2x slower
-    fast_ops=False,                 # our RoIAlign's backward is ~2.5x faster than torchvision's CPU kernel
-)
-
-
-def cpu_config(**changes) -> ModelConfig:
-    """The preset the CPU chapters train: stride 8, light heads, few proposals, 128 px images.
-
-    ``changes`` override fields, e.g. ``cpu_config(with_mask=False)`` for Faster R-CNN.
-    See ``CPU_RECIPE`` for each departure from ``ModelConfig``'s defaults.
-    """
-    return dataclasses.replace(ModelConfig(), **{**CPU_RECIPE, **changes})
-
-
-def quick_config(**changes) -> ModelConfig:
-    """The CPU recipe made smaller for quick (CI) runs: fewer proposals and RoIs, a narrower box head."""
-    small = dict(rpn_post_nms_top_n_train=150, box_batch_size_per_image=32, representation_size=128)
-    return cpu_config(**{**small, **changes})
+__all__ = ["ModelConfig", "MaskRCNN", "FasterRCNN", "add_refiner", "validate_inputs", "batch_images"]
 
 
 def validate_inputs(images: list[Tensor], targets: list[dict] | None) -> None:
@@ -111,10 +79,10 @@ def batch_images(images: list[Tensor], mean: Tensor, std: Tensor, size_divisible
 class MaskRCNN(nn.Module):
     """Backbone (+ FPN) -> RPN -> RoI heads (box branch + mask branch when ``config.with_mask``).
 
-    With ``config.refine`` the model also holds ``refiner``, chapter 09's Mask Transfiner stage, and
+    With ``config.refiner`` the model also holds ``refiner``, chapter 09's Mask Transfiner stage, and
     in eval mode refines the masks of confident detections. Training stays two-stage, as the chapter
     teaches it: ``train.fit`` trains the detector (the refiner gets no gradient from its losses), then
-    ``transfiner_model.fit_refiner(model, model.refiner, ...)`` trains the refiner on the frozen detector.
+    ``train.fit`` with ``TrainConfig(stage="refiner")`` trains the refiner on the frozen detector.
     """
 
     def __init__(self, config: ModelConfig | None = None):
@@ -133,13 +101,13 @@ class MaskRCNN(nn.Module):
             channels = self.backbone.out_channels[-1]
         self.rpn = rpn.RegionProposalNetwork(config, channels)
         self.roi_heads = roi_heads.RoIHeads(config, channels)
-        self.refiner = None
-        if config.refine:
-            # imported here: transfiner_model builds on this module, so a top-level import would be circular
-            from course_lib import transfiner_model
-            self.refiner = transfiner_model.build_refiner(self)
+        self.refiner = refinement.build_refiner(config, self.backbone) if config.refiner is not None else None
         self.register_buffer("image_mean", torch.tensor(config.image_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(config.image_std).view(3, 1, 1), persistent=False)
+
+    def batch(self, images: list[Tensor]) -> Tensor:
+        """Normalise and pad ``images`` into one ``Tensor[N, 3, H_pad, W_pad]`` (``batch_images``)."""
+        return batch_images(images, self.image_mean, self.image_std, self.config.size_divisible)
 
     def feature_maps(self, batch: Tensor) -> tuple[list[Tensor], dict[int, Tensor]]:
         """``(features the heads use, every map by its stride)``: the refiner (chapter 09) also pools finer maps.
@@ -163,7 +131,7 @@ class MaskRCNN(nn.Module):
         if self.training and self.config.with_mask:
             _check_masks(images, targets)
         image_sizes = [tuple(img.shape[-2:]) for img in images]
-        batch = batch_images(images, self.image_mean, self.image_std, self.config.size_divisible)
+        batch = self.batch(images)
         features, maps = self.feature_maps(batch)
         proposals, rpn_losses = self.rpn(features, image_sizes, tuple(batch.shape[-2:]), targets)
         detections, head_losses = self.roi_heads(features, proposals, image_sizes, targets)
@@ -173,8 +141,7 @@ class MaskRCNN(nn.Module):
             for det, size in zip(detections, image_sizes):
                 det["masks"] = mask_head.paste_masks_in_image(det["masks"], det["boxes"], size)
         if self.refiner is not None:
-            from course_lib import transfiner_model
-            transfiner_model.refine_detections(self, batch, features, maps, detections)
+            refinement.refine_detections(self, batch, features, maps, detections)
         return detections
 
 
@@ -193,3 +160,16 @@ def FasterRCNN(config: ModelConfig | None = None) -> MaskRCNN:  # noqa: N802 (re
     """Faster R-CNN: the same model without the mask branch (``with_mask=False``)."""
     config = config or ModelConfig()
     return MaskRCNN(dataclasses.replace(config, with_mask=False))
+
+
+def add_refiner(net: MaskRCNN, refiner: TransfinerConfig | None = None) -> MaskRCNN:
+    """A copy of the trained ``net`` with a fresh refinement stage: same weights, ``config.refiner`` set.
+
+    The chapter's route: train Mask R-CNN, add the refinement stage, train it with
+    ``TrainConfig(stage="refiner")``. ``net`` itself is left as it was, so both can be evaluated.
+    """
+    refined = MaskRCNN(dataclasses.replace(net.config, refiner=refiner or TransfinerConfig()))
+    missing, unexpected = refined.load_state_dict(net.state_dict(), strict=False)
+    if unexpected or any(not name.startswith("refiner.") for name in missing):
+        raise ValueError(f"net's weights do not fit its own config: missing {missing}, unexpected {unexpected}")
+    return refined.to(next(net.parameters()).device)

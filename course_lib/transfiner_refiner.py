@@ -16,14 +16,13 @@ truth at 28, and the paper's L1 between the refined node probabilities and the g
 Dimensions: K RoIs; C_l feature channels at level l; S_l the level's grid side (28, 56, 112);
 P nodes (all levels together); B attention sequences; L their padded length; D = d_model.
 
-Public names: ``TransfinerConfig``, ``IncoherentDetector``, ``gather_nodes``,
+Public names (``TransfinerConfig`` lives in ``config``): ``IncoherentDetector``, ``gather_nodes``,
 ``gather_neighbourhood``, ``node_centres``, ``sine_position_encoding``, ``NodeEncoder``,
 ``node_sequences``, ``incoherent_loss``, ``refine_loss``, ``TransfinerRefiner``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -31,43 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from course_lib import transfiner
-
-
-@dataclass(frozen=True)
-class TransfinerConfig:
-    """Sizes and choices of the refinement stage (frozen; vary it with ``dataclasses.replace``).
-
-    Two defaults differ from the paper, both measured on the shapes data (tests and chapter 09):
-    the detector learns the wide ``soft_incoherent_band`` (the strict regions depend on sub-cell
-    detail the detector cannot see, so it misses many of them; the soft band is easy to predict
-    and covers nearly all wrong pixels), and the node labels are learned with BCE (the paper's
-    L1 on probabilities stalls for many steps at the start of training).
-    """
-    sizes: tuple[int, int, int] = (28, 56, 112)  # quadtree levels: RoI grid sides (paper: 28, 56, 112)
-    d_model: int = 64               # node vector width, divisible by 4 for the sine encoding
-    num_heads: int = 4              # attention heads of the sequence encoder
-    num_layers: int = 2             # encoder layers (attention + feed-forward each)
-    ffn_dim: int = 128              # hidden width of each feed-forward layer
-    detector_channels: int = 64     # width of the detector's four 3x3 convs
-    incoherent_factor: int = 2      # down/up-sampling factor defining incoherence (paper: 2)
-    incoherent_target: str = "soft"  # detector target: "soft" band (released code) or "strict" (paper)
-    detector_thresh: float = 0.25   # root if detector probability >= this; low: a missed root cannot be fixed
-    max_roots: int = 160            # inference: at most this many roots per RoI (most confident first)
-    node_loss: str = "bce"          # node label loss: "bce", or "l1" (paper; slow to start, see refine_loss)
-    max_nodes: int = 256            # nodes per attention sequence (released code: 150 per level)
-    seed: int = 0                   # fixed generator for grouping nodes at inference: same input, same mask
-
-    def __post_init__(self):
-        if self.incoherent_target not in ("strict", "soft"):
-            raise ValueError(f"TransfinerConfig.incoherent_target={self.incoherent_target!r}; "
-                             "expected 'strict' or 'soft'")
-        if self.node_loss not in ("l1", "bce"):
-            raise ValueError(f"TransfinerConfig.node_loss={self.node_loss!r}; expected 'l1' or 'bce'")
-        if self.d_model % 4 or self.d_model % self.num_heads:
-            raise ValueError(f"TransfinerConfig.d_model={self.d_model} must be divisible by 4 "
-                             f"and by num_heads={self.num_heads}")
-        if any(b != 2 * a for a, b in zip(self.sizes, self.sizes[1:])):
-            raise ValueError(f"TransfinerConfig.sizes={self.sizes} must double level to level")
+from course_lib.config import TransfinerConfig
 
 
 class IncoherentDetector(nn.Module):

@@ -1,12 +1,13 @@
 """Small helpers every chapter uses: seeding, quick mode, the device, showing library source.
 
-Public names: ``seed_everything``, ``quick_mode``, ``device``, ``show_source``, ``repo_root``,
-``generated_dir``, ``atomic_write``.
+Public names: ``seed_everything``, ``quick_mode``, ``DEVICES``, ``DeviceError``, ``device``,
+``machine_info``, ``show_source``, ``repo_root``, ``generated_dir``, ``atomic_write``.
 """
 from __future__ import annotations
 
 import inspect
 import os
+import platform
 import random
 import tempfile
 from collections.abc import Callable
@@ -30,17 +31,49 @@ def quick_mode() -> bool:
     return os.environ.get("COURSE_QUICK", "").strip().lower() in _TRUE
 
 
-def device(verbose: bool = True) -> torch.device:
-    """CUDA when a GPU is visible, else the CPU; with ``verbose``, one line says which and why."""
-    if torch.cuda.is_available():
-        dev = torch.device("cuda")
-        reason = f"CUDA GPU found: {torch.cuda.get_device_name(0)}"
-    else:
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class DeviceError(RuntimeError):
+    """The device asked for is not there (CUDA without a GPU, a LOCAL_RANK without its GPU)."""
+
+
+def device(requested: str = "auto", verbose: bool = True) -> torch.device:
+    """The device to compute on: ``"auto"`` (CUDA when a GPU is visible, else the CPU), ``"cpu"``, ``"cuda"``.
+
+    Under torchrun each process takes GPU ``LOCAL_RANK``. Asking for ``"cuda"`` on a machine
+    without one is an error, not a silent fall-back to a run 50x slower. With ``verbose``, one
+    line says which device and why.
+    """
+    if requested not in DEVICES:
+        raise ValueError(f"device={requested!r}; expected one of {DEVICES}")
+    has_gpu = torch.cuda.is_available()
+    if requested == "cuda" and not has_gpu:
+        raise DeviceError("device='cuda' was asked for but no CUDA GPU is visible "
+                          f"(torch {torch.__version__}, cuda build {torch.version.cuda}); "
+                          "use --device cpu or --device auto")
+    if requested == "cpu" or not has_gpu:
         dev = torch.device("cpu")
-        reason = "no CUDA GPU visible, so the CPU (every chapter but 10 is sized for it)"
+        reason = "asked for" if requested == "cpu" else "no CUDA GPU visible, so the CPU (every chapter but 10 is sized for it)"
+    else:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        reason = f"CUDA GPU found: {torch.cuda.get_device_name(local_rank)}"
     if verbose:
         print(f"device: {dev} ({reason}; torch {torch.__version__}, {torch.get_num_threads()} threads)")
     return dev
+
+
+def machine_info(dev: torch.device | None = None) -> dict:
+    """Where a run happened, recorded beside its results: CPU, cores, threads, GPU, versions."""
+    gpu = torch.cuda.get_device_name(dev if dev is not None and dev.type == "cuda" else 0) \
+        if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "platform": platform.platform(),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "cuda": torch.version.cuda}
 
 
 def show_source(obj) -> None:

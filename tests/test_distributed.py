@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from course_lib import distributed, train, train_cli
+from course_lib import checkpoints, distributed, presets, train, train_cli, utils
 
 
 def test_shards_partition_each_step_batch():
@@ -31,13 +31,13 @@ def test_sampler_shards_are_the_single_process_batches():
 
 
 def test_device_choice_and_errors():
-    assert distributed.resolve_device("cpu") == torch.device("cpu")
-    assert distributed.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert utils.device("cpu", verbose=False) == torch.device("cpu")
+    assert utils.device("auto", verbose=False).type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="device='tpu'"):
-        distributed.resolve_device("tpu")
+        utils.device("tpu", verbose=False)
     if not torch.cuda.is_available():
-        with pytest.raises(distributed.DeviceError, match="no CUDA GPU is visible"):
-            distributed.resolve_device("cuda")
+        with pytest.raises(utils.DeviceError, match="no CUDA GPU is visible"):
+            utils.device("cuda", verbose=False)
 
 
 def test_single_process_helpers_are_identities(tmp_path):
@@ -68,7 +68,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, params_dir: str) -> 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    run = dataclasses.replace(train_cli.quick_run(), steps=2, eval_every=0, checkpoint_every=1)
+    run = presets.quick_run()
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, steps=2, eval_every=0, checkpoint_every=1))
     try:
         net, _ = train_cli.run_training(run, out, progress=False)
         params = {name: p.detach() for name, p in net.named_parameters()}
@@ -83,7 +84,7 @@ def test_ddp_two_cpu_processes_stay_in_sync_and_only_rank0_writes(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), str(params_dir)), nprocs=2, join=True)
     assert sorted(p.name for p in out.iterdir()) == ["last.pt", "metrics.jsonl", "run.json", "summary.json"]
     rank0, rank1 = (torch.load(params_dir / f"rank{r}.pt") for r in range(2))
-    saved = torch.load(out / "last.pt", weights_only=False)
+    saved = checkpoints.read_checkpoint(out / "last.pt")
     assert saved["step"] == 2 and len(saved["rng_per_rank"]) == 2
     for name, value in rank0.items():
         assert torch.equal(value, rank1[name]), name     # DDP kept the weights identical ...

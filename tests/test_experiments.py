@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from course_lib import data, evaluate, experiments, model
+from course_lib import data, evaluate, experiments, model, presets
+from course_lib.config import TrainConfig
 
-TINY = experiments.Settings(steps=2, batch_size=2, num_train=4, num_val=2)
+TINY = experiments.Settings(TrainConfig(steps=2, batch_size=2, warmup_steps=0), num_train=4, num_val=2)
 
 
 def test_grid_has_the_papers_rows():
@@ -22,11 +23,11 @@ def test_records_resume_and_failure(tmp_path, monkeypatch):
     out = tmp_path / "results.json"
     grid = {"align": {"pooler": "roi_align"}, "broken": {"pooler": "no_such_pooler"}}
     records = experiments.run_grid(grid, out, seeds=(0,), settings=TINY, command="test",
-                                   progress=False, base=model.quick_config())
+                                   progress=False, base=presets.quick_config())
     by_name = {r["variant"]: r for r in records}
     assert by_name["align"]["status"] == "ok"
-    assert set(by_name["align"]["box"]) == set(experiments.METRICS)
-    assert set(by_name["align"]["mask"]) == set(experiments.METRICS)
+    assert set(by_name["align"]["box"]) == set(evaluate.METRICS)
+    assert set(by_name["align"]["mask"]) == set(evaluate.METRICS)
     assert set(by_name["align"]["mask_scaled"]) == {"APs", "APm", "APl"} == set(by_name["align"]["box_scaled"])
     assert by_name["align"]["config"]["pooler"] == "roi_align" and by_name["align"]["steps"] == 2
     assert {"cpu", "gpu", "torch"} <= set(by_name["align"]["machine"])
@@ -116,7 +117,7 @@ def test_other_settings_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "run_one",
                         lambda changes, seed, settings, base=None: {"box": {}, "mask": None})
     experiments.run_grid({"v": {}}, out, seeds=(0,), settings=TINY, progress=False)
-    longer = dataclasses.replace(TINY, steps=TINY.steps + 1)
+    longer = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, steps=TINY.train.steps + 1))
     with pytest.raises(ValueError, match="settings"):
         experiments.run_grid({"v": {}}, out, seeds=(0, 1), settings=longer, progress=False)
 
@@ -126,11 +127,11 @@ def test_parallel_jobs_give_the_same_records(tmp_path):
     threads = torch.get_num_threads()
     try:
         serial = experiments.run_grid(grid, tmp_path / "serial.json", seeds=(0,), settings=TINY, progress=False,
-                                      base=model.quick_config(), threads=1)
+                                      base=presets.quick_config(), threads=1)
     finally:
         torch.set_num_threads(threads)
     parallel = experiments.run_grid(grid, tmp_path / "parallel.json", seeds=(0,), settings=TINY, progress=False,
-                                    base=model.quick_config(), jobs=2, threads=1)
+                                    base=presets.quick_config(), jobs=2, threads=1)
     assert sorted(r["variant"] for r in parallel) == ["align", "pool"]
     by_name = {r["variant"]: r for r in parallel}
     for record in serial:

@@ -4,11 +4,11 @@ import dataclasses
 import pytest
 import torch
 
-from course_lib import data, model
+from course_lib import data, model, presets
 
-TINY = model.quick_config(width=8, representation_size=32, mask_conv_channels=8, mask_num_convs=1,
-                          rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
-                          rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20)
+TINY = presets.quick_config(width=8, representation_size=32, mask_conv_channels=8, mask_num_convs=1,
+                            rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
+                            rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20)
 
 
 @pytest.fixture(scope="module")

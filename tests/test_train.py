@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
-from course_lib import data, model, train
+from course_lib import checkpoints, data, model, presets, train
+from course_lib.config import TrainConfig
 
-TINY = model.quick_config(width=8, representation_size=32, mask_conv_channels=8, mask_num_convs=1,
-                          rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50)
+TINY = presets.quick_config(width=8, representation_size=32, mask_conv_channels=8, mask_num_convs=1,
+                            rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50)
 
 
 def test_lr_factor_warmup_then_cosine():
@@ -36,8 +37,8 @@ def _run(tmp_path, stop_at=None, resume=False, fresh_seed=0):
     torch.manual_seed(fresh_seed)  # a resumed run must not depend on the fresh model's init
     net = model.MaskRCNN(TINY)
     ds = data.ShapesDataset(6, image_size=64, seed=2)
-    history = train.fit(net, ds, steps=4, batch_size=2, lr=0.01, warmup_steps=2, checkpoint_path=tmp_path / "ck.pt",
-                        resume=resume, progress=False, stop_at=stop_at)
+    config = TrainConfig(steps=4, batch_size=2, lr=0.01, warmup_steps=2, schedule="cosine")
+    history = train.fit(net, ds, config, out=tmp_path, resume=resume, progress=False, stop_at=stop_at)
     return net, history
 
 
@@ -49,7 +50,7 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(p, q), name
     assert [h["loss"] for h in history["train"]] == [h["loss"] for h in resumed_history["train"]]
     assert [h["step"] for h in resumed_history["train"]] == [1, 2, 3, 4]
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["ck.pt"]  # no temp file left
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["last.pt", "metrics.jsonl"]  # no temp file left
 
 
 def test_checkpoint_roundtrip_restores_rng(tmp_path):
@@ -57,7 +58,7 @@ def test_checkpoint_roundtrip_restores_rng(tmp_path):
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     torch.manual_seed(7)
-    train.save_checkpoint(tmp_path / "c.pt", net, opt, sched, 3, {"train": [], "eval": []})
+    checkpoints.save_checkpoint(tmp_path / "c.pt", net, opt, sched, 3, {"train": [], "eval": []})
     expected = torch.rand(3)
-    state = train.load_checkpoint(tmp_path / "c.pt", model.FasterRCNN(TINY), opt, sched)
+    state = checkpoints.load_checkpoint(tmp_path / "c.pt", model.FasterRCNN(TINY), opt, sched)
     assert state["step"] == 3 and torch.equal(torch.rand(3), expected)

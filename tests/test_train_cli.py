@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib import data, distributed, train, train_cli
+from course_lib import checkpoints, data, distributed, presets, train, train_cli
+from course_lib.config import TrainConfig
 
 
 def _main(out, *flags):
@@ -35,7 +36,7 @@ def test_quick_run_writes_metrics_checkpoints_and_summary(runs):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and 0 <= summary["mask_AP"] <= 1
     assert json.loads((out / "run.json").read_text())["run"]["name"] == "quick"
-    checkpoint = torch.load(out / "last.pt", weights_only=False)
+    checkpoint = checkpoints.read_checkpoint(out / "last.pt")
     assert checkpoint["step"] == 4 and checkpoint["config"]["run"]["image_size"] == 64
     assert checkpoint["config"]["model"]["width"] == 16 and checkpoint["scaler"] == {}  # no fp16 scaler on a CPU
 
@@ -43,8 +44,8 @@ def test_quick_run_writes_metrics_checkpoints_and_summary(runs):
 def test_resume_after_interruption_is_bit_identical(runs):
     root, straight, interrupted, resumed = runs
     assert [r["step"] for r in interrupted] == [1, 2]
-    a = torch.load(root / "straight" / "last.pt", weights_only=False)
-    b = torch.load(root / "resumed" / "last.pt", weights_only=False)
+    a = checkpoints.read_checkpoint(root / "straight" / "last.pt")
+    b = checkpoints.read_checkpoint(root / "resumed" / "last.pt")
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
     assert [r["loss"] for r in straight["train"]] == [r["loss"] for r in resumed["train"]]
@@ -62,8 +63,8 @@ def test_resume_refuses_a_checkpoint_from_another_config(runs):
 
 def test_config_mismatch_names_each_field():
     saved = {"model": {"stride": 16, "sizes": (8, 16)}, "fit": {"lr": 0.02}}
-    assert train.config_mismatch(saved, {"model": {"stride": 16, "sizes": [8, 16]}, "fit": {"lr": 0.02}}) == []
-    assert train.config_mismatch(saved, {"model": {"stride": 32, "sizes": (8, 16)}, "fit": {}}) == [
+    assert checkpoints.config_mismatch(saved, {"model": {"stride": 16, "sizes": [8, 16]}, "fit": {"lr": 0.02}}) == []
+    assert checkpoints.config_mismatch(saved, {"model": {"stride": 32, "sizes": (8, 16)}, "fit": {}}) == [
         "fit.lr: checkpoint 0.02, now '<absent>'", "model.stride: checkpoint 16, now 32"]
 
 
@@ -79,23 +80,25 @@ def test_coco_format_input(tmp_path):
 def test_resized_scales_boxes_and_keeps_masks_binary():
     base = data.ShapesDataset(4, image_size=64, seed=3)
     i = max(range(4), key=lambda j: len(base[j][1]["boxes"]))
-    image, target = train_cli.Resized(base, 32)[i]
+    image, target = data.Resized(base, 32)[i]
     original = base[i][1]
     assert len(original["boxes"]) > 0
     assert image.shape == (3, 32, 32) and target["masks"].shape[-2:] == (32, 32)
     torch.testing.assert_close(target["boxes"], original["boxes"] / 2)
     assert set(target["masks"].unique().tolist()) <= {0, 1}
-    assert train_cli.Resized(base, 128)[i][1]["boxes"].equal(original["boxes"])  # never enlarged
+    assert data.Resized(base, 128)[i][1]["boxes"].equal(original["boxes"])  # never enlarged
     empty = next(j for j in range(4) if len(base[j][1]["boxes"]) == 0)
-    assert train_cli.Resized(base, 32)[empty][1]["masks"].shape == (0, 32, 32)
+    assert data.Resized(base, 32)[empty][1]["masks"].shape == (0, 32, 32)
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--data", "coco"], "--data coco needs --coco-images DIR and --coco-annotations FILE"),
     (["--data", "coco", "--coco-images", "/nonexistent/images", "--coco-annotations", "a.json"],
      "--coco-images '/nonexistent/images': no such folder"),
-    (["--batch-size", "0"], "--batch-size=0 is too small"),
-    (["--image-size", "8"], "--image-size=8 is too small"),
+    (["--batch-size", "0"], "--batch-size=0; expected an int >= 1"),
+    (["--steps", "-3"], "--steps=-3; expected an int >= 1"),
+    (["--stop-at", "0"], "--stop-at=0; expected an int >= 1"),
+    (["--image-size", "8"], "--image-size=8; expected at least 32 px"),
     (["--workers", "-1"], "--workers=-1"),
 ])
 def test_bad_inputs_stop_with_a_clear_message(tmp_path, flags, message):
@@ -131,7 +134,7 @@ class _Exploding(nn.Module):
 def test_nan_loss_names_the_step_and_the_loss():
     dataset = data.ShapesDataset(4, image_size=32, seed=0, max_objects=1)
     with pytest.raises(FloatingPointError, match=r"step 3: loss went bad: loss_box_reg = nan"):
-        train.fit(_Exploding(), dataset, steps=5, batch_size=1, warmup_steps=1, progress=False)
+        train.fit(_Exploding(), dataset, TrainConfig(steps=5, batch_size=1, warmup_steps=1), progress=False)
 
 
 def test_loader_workers_keep_the_batches(tmp_path):
@@ -145,8 +148,8 @@ def test_loader_workers_keep_the_batches(tmp_path):
 
 
 def test_presets_are_frozen_and_distinct():
-    runs = {name: preset() for name, preset in train_cli.PRESETS.items()}
-    assert runs["gpu"].model.backbone == "resnet50" and runs["gpu"].model.fpn and runs["gpu"].amp
+    runs = {name: preset() for name, preset in presets.PRESETS.items()}
+    assert runs["gpu"].model.backbone == "resnet50" and runs["gpu"].model.fpn and runs["gpu"].train.amp
     assert runs["quick"].device == "cpu" and runs["cpu"].model.backbone == "tiny"
     with pytest.raises(dataclasses.FrozenInstanceError):
-        runs["quick"].steps = 1
+        runs["quick"].train.steps = 1

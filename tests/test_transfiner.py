@@ -358,40 +358,59 @@ def test_refiner_learns_boundaries_from_informative_features():
 
 @pytest.fixture(scope="module")
 def tiny_mask_rcnn():
-    from course_lib import data, model
+    from course_lib import data, model, presets
     torch.manual_seed(0)
-    return model.MaskRCNN(model.quick_config()).eval(), data.ShapesDataset(4, seed=0)
+    return model.MaskRCNN(presets.quick_config()).eval(), data.ShapesDataset(4, seed=0)
 
 
-def test_fit_refiner_and_roi_masks_run(tiny_mask_rcnn):
-    from course_lib import transfiner_model
+def test_refiner_stage_trains_only_the_refiner_and_roi_masks_run(tiny_mask_rcnn, tmp_path):
+    from course_lib import evaluate, model, train
+    from course_lib.config import TrainConfig
     mask_rcnn, dataset = tiny_mask_rcnn
     config = transfiner_refiner.TransfinerConfig(d_model=32, ffn_dim=64, detector_channels=16, max_nodes=64)
-    refiner = transfiner_refiner.TransfinerRefiner(config, transfiner_model.refiner_in_channels(mask_rcnn))
-    before = [p.clone() for p in mask_rcnn.parameters()]
-    history = transfiner_model.fit_refiner(mask_rcnn, refiner, dataset, steps=1, batch_size=2, progress=False)
-    assert len(history["loss_refine"]) == 1 and history["loss_refine"][0] > 0
-    assert all(torch.equal(a, b) for a, b in zip(before, mask_rcnn.parameters()))  # frozen
-    out = transfiner_model.roi_masks(mask_rcnn, refiner, dataset, indices=[0, 1])
+    refined = model.add_refiner(mask_rcnn, config)
+    before = {name: p.clone() for name, p in refined.named_parameters()}
+    stage = TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_steps=0, schedule="constant", grad_clip=None,
+                        optimizer="adam", stage="refiner")
+    history = train.fit(refined, dataset, stage, out=tmp_path, progress=False)
+    assert [h["step"] for h in history["train"]] == [1, 2] and history["train"][0]["loss_refine"] > 0
+    for name, p in refined.named_parameters():  # the detector is frozen, the refiner learned
+        assert torch.equal(p, before[name]) != name.startswith("refiner."), name
+    out = evaluate.roi_masks(refined, dataset, indices=[0, 1])
     num_objects = sum(len(dataset[i][1]["boxes"]) for i in (0, 1))
     assert out["coarse"].shape == (num_objects, 28, 28) and out["refined"].shape == (num_objects, 112, 112)
     assert out["gt_112"].shape == (num_objects, 112, 112) and out["nodes"].shape == (num_objects,)
-    coarse_only = transfiner_model.roi_masks(mask_rcnn, None, dataset, indices=[0, 1])
+    coarse_only = evaluate.roi_masks(mask_rcnn, dataset, indices=[0, 1])
     assert set(coarse_only) == {"coarse", "labels", "gt_28", "gt_56", "gt_112"}
     torch.testing.assert_close(coarse_only["coarse"], out["coarse"])
 
 
+def test_refiner_stage_resumes_exactly(tiny_mask_rcnn, tmp_path):
+    from course_lib import model, train
+    from course_lib.config import TrainConfig
+    mask_rcnn, dataset = tiny_mask_rcnn
+    config = transfiner_refiner.TransfinerConfig(d_model=32, ffn_dim=64, detector_channels=16, max_nodes=64)
+    stage = TrainConfig(steps=3, batch_size=2, lr=1e-3, warmup_steps=0, schedule="constant", grad_clip=None,
+                        optimizer="adam", stage="refiner")
+    torch.manual_seed(0)
+    history = train.fit(model.add_refiner(mask_rcnn, config), dataset, stage, out=tmp_path / "a", progress=False)
+    torch.manual_seed(0)
+    train.fit(model.add_refiner(mask_rcnn, config), dataset, stage, out=tmp_path / "b", stop_at=1, progress=False)
+    torch.manual_seed(1)  # the resumed run must not depend on the fresh refiner's weights
+    again = train.fit(model.add_refiner(mask_rcnn, config), dataset, stage, out=tmp_path / "b", resume=True,
+                      progress=False)
+    assert [h["loss"] for h in history["train"]] == [h["loss"] for h in again["train"]]
+
+
 def test_refined_model_keeps_the_detections(tiny_mask_rcnn):
-    from course_lib import transfiner_model
+    from course_lib import model
     mask_rcnn, dataset = tiny_mask_rcnn
     image = dataset[0][0]
     with torch.no_grad():
         plain = mask_rcnn([image])[0]
     third_best = float(plain["scores"].sort(descending=True).values[2])
-    config = transfiner_refiner.TransfinerConfig(d_model=32, ffn_dim=64, detector_channels=16)
-    refined_model = transfiner_model.add_refiner(mask_rcnn, config)
-    refined_model.config = dataclasses.replace(refined_model.config, refine_score_thresh=third_best)
-    refined = refined_model.eval()([image])[0]
+    config = transfiner_refiner.TransfinerConfig(d_model=32, ffn_dim=64, detector_channels=16, score_thresh=third_best)
+    refined = model.add_refiner(mask_rcnn, config).eval()([image])[0]
     for key in ("boxes", "labels", "scores"):
         torch.testing.assert_close(refined[key], plain[key])
     assert refined["masks"].shape == plain["masks"].shape
@@ -421,28 +440,28 @@ def test_refined_masks_paste_at_the_plain_masks_geometry():
 
 
 def test_add_refiner_copies_the_detector_and_leaves_the_original():
-    from course_lib import model, transfiner_model
+    from course_lib import model, presets
     torch.manual_seed(0)
-    plain = model.MaskRCNN(model.quick_config())
-    refined = transfiner_model.add_refiner(plain)
-    assert plain.refiner is None and refined.config.refine and refined.refiner is not None
+    plain = model.MaskRCNN(presets.quick_config())
+    refined = model.add_refiner(plain)
+    assert plain.refiner is None and refined.config.refiner is not None and refined.refiner is not None
     for name, value in plain.state_dict().items():
         assert torch.equal(refined.state_dict()[name], value), name
     assert all(name.startswith("refiner.") for name in set(refined.state_dict()) - set(plain.state_dict()))
 
 
 def test_refine_config_needs_the_sigmoid_mask_branch():
-    from course_lib import model
-    with pytest.raises(ValueError, match="refine=True needs the sigmoid mask branch"):
-        model.quick_config(refine=True, mask_loss="softmax")
-    with pytest.raises(ValueError, match="refine=True needs the sigmoid mask branch"):
-        model.quick_config(refine=True, with_mask=False)
+    from course_lib import presets
+    with pytest.raises(ValueError, match="refiner needs the sigmoid mask branch"):
+        presets.quick_config(refiner=transfiner_refiner.TransfinerConfig(), mask_loss="softmax")
+    with pytest.raises(ValueError, match="refiner needs the sigmoid mask branch"):
+        presets.quick_config(refiner=transfiner_refiner.TransfinerConfig(), with_mask=False)
 
 
 def test_refiner_gets_no_gradient_from_the_detector_losses():
-    from course_lib import data, model
+    from course_lib import data, model, presets
     torch.manual_seed(0)
-    net = model.MaskRCNN(model.quick_config(refine=True)).train()
+    net = model.MaskRCNN(presets.quick_config(refiner=transfiner_refiner.TransfinerConfig())).train()
     images, targets = data.collate_fn([data.ShapesDataset(2, seed=0)[i] for i in range(2)])
     losses = net(images, targets)
     assert not any(name.startswith("loss_refine") for name in losses)
