@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # JupyterLab refuses to run as root without this flag (containers, CI).
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test test-unit test-notebooks test-browser notebooks install clean
+.PHONY: lab test test-layers test-unit test-notebooks test-browser notebooks install clean
 
 install: $(STAMP)
 
@@ -22,7 +22,11 @@ lab: install
 	$(PY) -m jupyter trust notebooks/[0-9][0-9]_*.ipynb
 	$(PY) -m jupyter lab $(ROOT_FLAG) --notebook-dir=notebooks
 
-test: install test-unit test-notebooks
+test: install test-layers test-unit test-notebooks
+
+# The import contract in pyproject.toml: ops <- the model <- running it (nothing imports upward).
+test-layers: install
+	$(VENV)/bin/lint-imports --no-cache
 
 test-unit: install
 	COURSE_QUICK=1 $(PY) -m pytest tests/ --ignore=tests/browser -q
