@@ -19,6 +19,11 @@ import dataclasses
 from dataclasses import dataclass
 
 
+POOLERS = ("roi_align", "roi_align_max", "roi_warp", "roi_pool")
+MASK_LOSSES = ("sigmoid", "softmax", "sigmoid_agnostic")
+SCHEDULES = ("cosine", "onecycle", "constant")
+
+
 def _check_choices(obj, choices: dict[str, tuple]) -> None:
     for field, allowed in choices.items():
         if getattr(obj, field) not in allowed:
@@ -89,7 +94,8 @@ class ModelConfig:
     rpn_nms_thresh: float = 0.7
 
     # ---- RoI pooling (Mask R-CNN §3, the course's centre) --------------------------------
-    pooler: str = "roi_align"       # "roi_align" or "roi_pool"
+    pooler: str = "roi_align"       # "roi_align", "roi_align_max" (max of the samples), "roi_warp"
+                                    # (bilinear on a rounded box, MNC) or "roi_pool" (Table 2c)
     aligned: bool = True            # half-pixel offset (Detectron2's ROIAlignV2)
     sampling_ratio: int = 2         # sampling points per bin side (paper: 2, i.e. 4 per bin)
     fast_ops: bool = True           # torchvision's C++/CUDA kernels; False = hand-built ops
@@ -112,14 +118,15 @@ class ModelConfig:
     mask_roi_size: int = 14         # RoIAlign output; the 2x transposed conv gives 28x28
     mask_conv_channels: int = 64    # paper: 256
     mask_num_convs: int = 4
-    mask_loss: str = "sigmoid"      # "sigmoid" (per-class, decoupled) or "softmax" (coupled)
+    mask_loss: str = "sigmoid"      # "sigmoid" (per-class, decoupled), "softmax" (coupled) or
+                                    # "sigmoid_agnostic" (one mask for every class; Table 2b)
 
     # ---- Mask Transfiner refinement (chapter 09) -----------------------------------------
     refiner: TransfinerConfig | None = None  # a refinement stage on top (trained second: train_refiner)
 
     def __post_init__(self):
         _check_choices(self, {"backbone": ("tiny", "resnet50"), "stride": (8, 16, 32), "norm": ("bn", "gn"),
-                              "pooler": ("roi_align", "roi_pool"), "mask_loss": ("sigmoid", "softmax")})
+                              "pooler": POOLERS, "mask_loss": MASK_LOSSES})
         if self.num_classes < 2:
             raise ValueError(f"ModelConfig.num_classes={self.num_classes}: needs background + at least 1 class")
         if self.refiner is not None and (not self.with_mask or self.mask_loss != "sigmoid"):
@@ -161,7 +168,7 @@ class TrainConfig:
     SPEED_FIELDS = ("eval_every", "checkpoint_every", "amp", "channels_last", "workers", "compile")
 
     def __post_init__(self):
-        _check_choices(self, {"schedule": ("cosine", "onecycle", "constant"), "optimizer": ("sgd", "adam"),
+        _check_choices(self, {"schedule": SCHEDULES, "optimizer": ("sgd", "adam"),
                               "stage": ("detector", "refiner")})
         for field in ("steps", "batch_size"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:

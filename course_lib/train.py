@@ -28,9 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from course_lib import checkpoints, data, distributed, evaluate, refinement
-from course_lib.config import TrainConfig
-
-SCHEDULES = ("cosine", "onecycle", "constant")
+from course_lib.config import SCHEDULES, TrainConfig
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what ``fit`` writes into its ``out`` folder
 
 
