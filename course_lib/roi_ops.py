@@ -11,10 +11,11 @@ boxes outside the map, tiny and inverted boxes, empty bins), and are differentia
 autograd. They are vectorised over RoIs, bins and sampling points: every (bin, cell) or
 (bin, sample, corner) pair becomes one entry of an index table, and ``F.embedding_bag`` reduces
 the rows ``features[index]`` per bin (``max`` for RoIPool, weighted ``sum`` for RoIAlign) without
-materialising the gathered ``[entries, C]`` tensor.
+materialising the gathered ``[entries, C]`` tensor. RoIAlign builds its table in chunks of
+bounded size, as an adaptive grid (one sample a cell) grows with the box (``_align_chunks``).
 
-Dimension letters: N images, C channels, H x W the feature map, K RoIs, PH x PW output bins,
-GH x GW sampling points per bin (RoIAlign), MH x MW the largest bin in cells (RoIPool).
+Dimension letters: N images, C channels, H x W the feature map, K RoIs (U in one chunk), PH x PW
+output bins, GH x GW sampling points per bin (RoIAlign), MH x MW the largest bin in cells (RoIPool).
 Boxes are xyxy in image pixels; ``spatial_scale`` (= 1 / stride) maps them to feature cells.
 
 Public names: ``roi_pool``, ``roi_align``, ``pool_rois`` (the one switch to torchvision's fast
@@ -27,6 +28,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+# Chunks bound RoIAlign's index tables: an adaptive grid grows with the box (10 RoIs of 400-800
+# cells took 650 MB in one table); 2^20 entries (8 B index, 4 B weight) keep a chunk near 12 MB.
+_CHUNK_ENTRIES = 1 << 20
 
 
 def _pair(output_size: int | tuple[int, int], name: str = "output_size") -> tuple[int, int]:
@@ -182,6 +188,21 @@ def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tup
     return pooled.reshape(k, ph, pw, c).permute(0, 3, 1, 2).contiguous()  # [K, C, PH, PW]
 
 
+def _align_grid(rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
+                sampling_ratio: int, aligned: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``roi_align_samples``' ``start``, ``bin_size`` and ``grid``, without the sample points."""
+    offset = 0.5 if aligned else 0.0
+    coords = (rois[:, 1:].double() * spatial_scale - offset).to(rois.dtype)  # [K, 4] in cells
+    start = coords[:, [1, 0]]  # [K, 2] (y, x)
+    size = coords[:, [3, 2]] - start  # [K, 2] roi height, width in cells
+    if not aligned:
+        size = size.clamp(min=1.0)  # legacy kernel: force malformed RoIs to 1x1 cell
+    bin_size = size / torch.tensor(output_size, dtype=rois.dtype, device=rois.device)  # [K, 2]
+    if sampling_ratio > 0:
+        return start, bin_size, torch.full_like(start, sampling_ratio, dtype=torch.long)
+    return start, bin_size, torch.ceil(bin_size).long()  # about one sample a cell; <= 0 inverted
+
+
 def roi_align_samples(rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
                       sampling_ratio: int, aligned: bool) -> dict[str, Tensor]:
     """RoIAlign's bins and sampling points, in continuous feature coordinates.
@@ -199,18 +220,7 @@ def roi_align_samples(rois: Tensor, output_size: tuple[int, int], spatial_scale:
     least one cell wide, as the original kernel did.
     """
     ph, pw = output_size
-    offset = 0.5 if aligned else 0.0
-    coords = (rois[:, 1:].double() * spatial_scale - offset).to(rois.dtype)  # [K, 4] in cells
-    start = coords[:, [1, 0]]  # [K, 2] (y, x)
-    size = coords[:, [3, 2]] - start  # [K, 2] roi height, width in cells
-    if not aligned:
-        size = size.clamp(min=1.0)  # legacy kernel: force malformed RoIs to 1x1 cell
-    bins = torch.tensor([ph, pw], dtype=rois.dtype, device=rois.device)
-    bin_size = size / bins  # [K, 2]
-    if sampling_ratio > 0:
-        grid = torch.full_like(start, sampling_ratio, dtype=torch.long)
-    else:
-        grid = torch.ceil(bin_size).long()  # adaptive: about one sample per cell; <= 0 if inverted
+    start, bin_size, grid = _align_grid(rois, output_size, spatial_scale, sampling_ratio, aligned)
     g = max(int(grid.max()), 1) if grid.numel() else 1
 
     def axis(s: Tensor, b: Tensor, n: Tensor, p: int) -> Tensor:
@@ -246,6 +256,61 @@ def _bilinear_axis(pos: Tensor, grid: Tensor, length: int) -> tuple[Tensor, Tens
     return torch.stack([low, high], -1), weights  # [K, P, G, 2] each
 
 
+def _align_chunks(grid: Tensor, output_size: tuple[int, int],
+                  budget: int) -> list[tuple[list[int], slice]]:
+    """Cut RoIAlign's work into chunks whose index tables hold at most ``budget`` entries.
+
+    Args: grid int64 ``[K, 2]`` samples per bin side; output_size (PH, PW).
+    Returns: ``(rois, band)`` pairs, the RoI indices of a chunk and the band of sample rows it
+    takes in every bin; when all fits, one chunk of every RoI in order.
+
+    Why: a table is ``[U, PH, PW, GH, GW, 2, 2]``, GH x GW the chunk's largest grid, so RoIs go
+    sorted by grid (small ones do not pay for large ones) and packed up to the budget; a RoI over
+    it alone is cut into bands of sample rows. Only a band of one row can exceed it (GW > 5,000
+    at 7 x 7 and 2^20 entries).
+    """
+    per_sample = 4 * output_size[0] * output_size[1]  # entries of one sample, in every bin
+    gh, gw = grid.clamp(min=1).T.tolist()
+    if len(gh) * per_sample * max(gh) * max(gw) <= budget:
+        return [(list(range(len(gh))), slice(0, None))]
+    chunks, group, top_h, top_w = [], [], 0, 0
+    for i in sorted(range(len(gh)), key=lambda i: (gh[i] * gw[i], gh[i])):
+        if per_sample * gh[i] * gw[i] > budget:  # too large alone: bands of sample rows
+            step = max(1, budget // (per_sample * gw[i]))
+            chunks += [([i], slice(g, g + step)) for g in range(0, gh[i], step)]
+            continue
+        top_h, top_w = max(top_h, gh[i]), max(top_w, gw[i])
+        if group and (len(group) + 1) * per_sample * top_h * top_w > budget:
+            chunks.append((group, slice(0, None)))
+            group, top_h, top_w = [], gh[i], gw[i]
+        group.append(i)
+    return chunks + [(group, slice(0, None))] if group else chunks
+
+
+def _align_sum(rows: Tensor, rois: Tensor, band: slice, feature_size: tuple[int, int],
+               args: tuple) -> Tensor:
+    """One chunk of RoIAlign: ``rows`` ``[N*H*W, C]``, ``rois`` ``[U, 5]``, the ``band`` of
+    sample rows taken in every bin, ``args`` = (output_size, spatial_scale, sampling_ratio,
+    aligned) -> ``[U*PH*PW, C]``: per bin, the sum of weighted samples over its full count."""
+    h, w = feature_size
+    s = roi_align_samples(rois, *args)
+    grid = s["grid"]  # [U, 2]
+    gh, gw = (int(v) for v in grid.clamp(min=1).amax(0))  # padding past these weighs 0: cut it
+    band = slice(band.start, min(band.stop or gh, gh))
+    ry, wy = _bilinear_axis(s["ys"][:, :, band], grid[:, 0] - band.start, h)  # [U, PH, GH, 2]
+    rx, wx = _bilinear_axis(s["xs"][:, :, :gw], grid[:, 1], w)  # [U, PW, GW, 2]
+    count = (grid[:, 0] * grid[:, 1]).clamp(min=1).to(rows.dtype)  # [U]
+    base = rois[:, 0].long() * (h * w)
+    # every (bin, sample, corner) of the chunk: [U, PH, PW, GH, GW, 2, 2]
+    index = (base[:, None, None, None, None, None, None] + (ry * w)[:, :, None, :, None, :, None]
+             + rx[:, None, :, None, :, None, :])
+    weight = (wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :]
+              / count[:, None, None, None, None, None, None])
+    bins = index.shape[0] * index.shape[1] * index.shape[2]
+    return F.embedding_bag(index.reshape(bins, -1), rows,
+                           per_sample_weights=weight.reshape(bins, -1), mode="sum")
+
+
 def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int],
               spatial_scale: float = 1.0, sampling_ratio: int = -1,
               aligned: bool = False) -> Tensor:
@@ -271,20 +336,22 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
     k = rois.shape[0]
     if k == 0:
         return input.new_zeros(0, c, ph, pw)
-    grid = roi_align_samples(rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
-    ry, wy = _bilinear_axis(grid["ys"], grid["grid"][:, 0], h)  # [K, PH, GH, 2]
-    rx, wx = _bilinear_axis(grid["xs"], grid["grid"][:, 1], w)  # [K, PW, GW, 2]
-    count = (grid["grid"][:, 0] * grid["grid"][:, 1]).clamp(min=1).to(input.dtype)  # [K]
-    base = rois[:, 0].long() * (h * w)
-    # every (bin, sample, corner) of every RoI: [K, PH, PW, GH, GW, 2, 2]
-    index = (base[:, None, None, None, None, None, None] + (ry * w)[:, :, None, :, None, :, None]
-             + rx[:, None, :, None, :, None, :])
-    weight = (wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :]
-              / count[:, None, None, None, None, None, None])
-    entries = index.shape[3] * index.shape[4] * 4  # GH * GW * 4 per bin
-    pooled = F.embedding_bag(index.reshape(k * ph * pw, entries), _flat_features(input),
-                             per_sample_weights=weight.reshape(k * ph * pw, entries),
-                             mode="sum")  # [K*PH*PW, C]
+    args = ((ph, pw), spatial_scale, sampling_ratio, aligned)
+    grid = _align_grid(rois, *args)[2]  # [K, 2]
+    # a table no larger than the output (torchvision's own size) is fine: fixed grids fit at once
+    chunks = _align_chunks(grid, (ph, pw), max(_CHUNK_ENTRIES, k * c * ph * pw))
+    rows = _flat_features(input)  # [N*H*W, C]
+    if len(chunks) == 1:  # everything fits: one table, RoIs in order (the fixed-grid case)
+        pooled = _align_sum(rows, rois, chunks[0][1], (h, w), args)  # [K*PH*PW, C]
+    else:
+        pooled = rows.new_zeros(k * ph * pw, c)
+        for ids, band in chunks:
+            ids = torch.tensor(ids, device=input.device)  # [U]
+            # recomputed in backward, so autograd keeps one chunk's table at a time, not all
+            part = checkpoint(_align_sum, rows, rois[ids], band, (h, w), args,
+                              use_reentrant=False, preserve_rng_state=False)  # [U*PH*PW, C]
+            bags = ids[:, None] * (ph * pw) + torch.arange(ph * pw, device=input.device)
+            pooled.index_add_(0, bags.reshape(-1), part)  # a RoI cut in bands adds up its parts
     return pooled.reshape(k, ph, pw, c).permute(0, 3, 1, 2).contiguous()  # [K, C, PH, PW]
 
 

@@ -275,3 +275,64 @@ def test_cuda_matches_torchvision(op):
     grad_ours, = torch.autograd.grad(ours.sum(), features)
     grad_theirs, = torch.autograd.grad(theirs.sum(), features)
     torch.testing.assert_close(grad_ours, grad_theirs, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- adaptive grid, in chunks
+def large_rois_case(seed: int = 0):
+    """A [1, 2, 240, 300] map, 5 RoIs nearly as large as it (one partly off the map) and 3 tiny
+    ones (zero-size, under a cell, slightly inverted): an adaptive grid of up to 43 x 35."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(1, 2, 240, 300, generator=g)
+    large = torch.tensor([[0.0, 0, 0, 299, 239], [0, -40, 10, 260, 250], [0, 20, 5, 290, 230],
+                          [0, 3.5, 7.2, 280.1, 200.9], [0, 100, 30, 298, 238]])
+    tiny = torch.tensor([[0.0, 50, 50, 50, 50], [0, 10.2, 20.1, 10.5, 20.3], [0, 30, 30, 29.6, 31]])
+    return features, torch.cat([large, tiny])[torch.randperm(8, generator=g)]
+
+
+@pytest.mark.parametrize("budget", [None, 120_000])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_roi_align_adaptive_in_chunks_matches_torchvision(monkeypatch, budget, aligned):
+    # default budget: the RoIs split into groups; 120,000 entries: large RoIs cut into bands
+    if budget:
+        monkeypatch.setattr(roi_ops, "_CHUNK_ENTRIES", budget)
+    features, rois = large_rois_case()
+    grid = roi_ops.roi_align_samples(rois, (7, 7), 1.0, -1, aligned)["grid"]
+    assert len(roi_ops._align_chunks(grid, (7, 7), roi_ops._CHUNK_ENTRIES)) > 1  # really chunked
+    ours_in = features.clone().requires_grad_()
+    theirs_in = features.clone().requires_grad_()
+    ours = roi_ops.roi_align(ours_in, rois, 7, 1.0, -1, aligned)
+    theirs = torchvision.ops.roi_align(theirs_in, rois, 7, 1.0, -1, aligned)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    grad_out = torch.randn_like(theirs)
+    ours.backward(grad_out)
+    theirs.backward(grad_out)
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, atol=1e-5, rtol=0)
+
+
+def test_roi_align_adaptive_tables_stay_within_the_chunk_budget(monkeypatch):
+    # One table for all 8 RoIs would hold 8 x 7 x 7 x 43 x 43 x 4 = 2.9 M entries (the largest
+    # grid for every RoI), 35 MB. Chunked, no table handed to embedding_bag, in forward or in
+    # backward's recomputation, exceeds the budget, and autograd keeps none between the passes.
+    budget = 200_000
+    monkeypatch.setattr(roi_ops, "_CHUNK_ENTRIES", budget)
+    sizes, saved = [], {}  # saved: bytes of each distinct storage autograd keeps for backward
+    embedding_bag = torch.nn.functional.embedding_bag
+
+    def spy(index, *args, **kwargs):
+        sizes.append(index.numel())
+        return embedding_bag(index, *args, **kwargs)
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    monkeypatch.setattr(roi_ops.F, "embedding_bag", spy)
+    features, rois = large_rois_case()
+    x = features.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = roi_ops.roi_align(x, rois, 7, 1.0, -1, True)
+    forward = list(sizes)
+    out.sum().backward()
+    assert sum(forward) > 5 * budget and max(sizes) <= budget
+    assert sorted(sizes) == sorted(forward * 2)  # backward recomputed the same chunks
+    assert sum(saved.values()) < 12 * budget  # 8 B index + 4 B weight: not even one full chunk
