@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -81,17 +82,23 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower():
-            raise CheckpointError(f"checkpoint {str(path)!r} refused: it holds Python objects other than tensors "
-                                  "and plain data, and unpickling them could run code (not a course_lib "
-                                  f"checkpoint?); first line of the reason: {str(err).splitlines()[0]}") from None
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (corrupt, or not a checkpoint): {err}") from None
+        raise CheckpointError(_refusal(path, str(err))) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (truncated or corrupt?): "
                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a course_lib checkpoint (expected format {FORMAT!r})")
     return state
+
+
+def _refusal(path: Path, reason: str) -> str:
+    """One line for torch's ``weights_only`` refusal: the Python object the file asks for, without
+    torch's advice to reload with ``weights_only=False`` (which would run that object's code)."""
+    asked = re.search(r"GLOBAL ([\w.]+)", reason)
+    if asked:
+        return (f"checkpoint {str(path)!r} refused: it asks to load the Python object {asked.group(1)}, and "
+                "unpickling it could run code (a course_lib checkpoint holds only tensors and plain data)")
+    return f"checkpoint {str(path)!r} cannot be read: not a PyTorch checkpoint (corrupt, or another format)"
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, scheduler=None) -> dict:
