@@ -27,36 +27,87 @@ from course_lib.config import ModelConfig, TransfinerConfig
 __all__ = ["ModelConfig", "MaskRCNN", "FasterRCNN", "add_refiner", "validate_inputs", "batch_images"]
 
 
-def validate_inputs(images: list[Tensor], targets: list[dict] | None) -> None:
+PIXEL_TOLERANCE = 1e-3  # rounding a resize may leave past [0, 1]; 0..255 pixels miss it by 250
+
+
+def validate_inputs(images: list[Tensor], targets: list[dict] | None, num_classes: int) -> None:
     """Raise ``ValueError`` naming the image index and the offending value for bad inputs.
 
-    Images: a list of float ``Tensor[3, H, W]``. Targets (training): per image ``boxes``
-    ``Tensor[G, 4]`` with x2 > x1 and y2 > y1, ``labels`` ``Tensor[G]``, ``masks`` ``Tensor[G, H, W]``
-    when the model has a mask branch (checked by the caller's config).
+    Images: a list of float ``Tensor[3, H, W]`` with H, W >= 1 and finite pixels in [0, 1].
+    Targets (training): per image ``boxes`` ``Tensor[G, 4]``, finite, with x2 > x1 and y2 > y1,
+    at least partly inside the image; integer ``labels`` ``Tensor[G]`` in 1..num_classes - 1.
+    ``masks`` are checked by ``_check_masks`` when the model has a mask branch.
+
+    Why: each of these trains without an error and silently wrong. 0..255 pixels are 255 times
+    off the normalisation's mean and std; a NaN box turns the loss NaN steps later; a label 0 is
+    background, so a 0-based label set teaches the first class to be nothing. The checks cost one
+    min/max reduction per image and a few comparisons per box.
     """
     if not isinstance(images, (list, tuple)) or len(images) == 0:
         raise ValueError(f"images must be a non-empty list of Tensor[3, H, W], got {type(images).__name__}")
     for i, image in enumerate(images):
-        if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
-            desc = f"{tuple(image.shape)} {image.dtype}" if torch.is_tensor(image) else type(image).__name__
-            raise ValueError(f"images[{i}] must be a float Tensor[3, H, W], got {desc}")
+        _check_image(i, image)
     if targets is None:
         return
     if len(targets) != len(images):
         raise ValueError(f"targets has {len(targets)} entries for {len(images)} images")
-    for i, target in enumerate(targets):
-        for key in ("boxes", "labels"):
-            if key not in target:
-                raise ValueError(f"targets[{i}] is missing key {key!r} (has {sorted(target)})")
-        gt_boxes = target["boxes"]
-        if gt_boxes.dim() != 2 or gt_boxes.shape[-1] != 4:
-            raise ValueError(f"targets[{i}]['boxes'] must be Tensor[G, 4], got {tuple(gt_boxes.shape)}")
-        bad = torch.where((gt_boxes[:, 2] <= gt_boxes[:, 0]) | (gt_boxes[:, 3] <= gt_boxes[:, 1]))[0]
-        if len(bad):
-            raise ValueError(f"targets[{i}]['boxes'][{bad[0].item()}] = {gt_boxes[bad[0]].tolist()} "
-                             "is degenerate (needs x2 > x1 and y2 > y1)")
-        if len(target["labels"]) != len(gt_boxes):
-            raise ValueError(f"targets[{i}]: {len(gt_boxes)} boxes but {len(target['labels'])} labels")
+    for i, (target, image) in enumerate(zip(targets, images)):
+        _check_target(i, target, tuple(image.shape[-2:]), num_classes)
+
+
+def _check_image(i: int, image: Tensor) -> None:
+    if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+        desc = f"{tuple(image.shape)} {image.dtype}" if torch.is_tensor(image) else type(image).__name__
+        raise ValueError(f"images[{i}] must be a float Tensor[3, H, W], got {desc}")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"images[{i}] is {image.shape[1]} x {image.shape[2]} px (H x W); an image needs "
+                         "at least one pixel each way")
+    low, high = torch.aminmax(image)
+    if not ((low >= -PIXEL_TOLERANCE) & (high <= 1 + PIXEL_TOLERANCE)):  # NaN fails both
+        bad = ~torch.isfinite(image)
+        if bad.any():
+            c, y, x = torch.nonzero(bad)[0].tolist()
+            raise ValueError(f"images[{i}][{c}, {y}, {x}] = {image[c, y, x].item()}; pixels must be finite")
+        raise ValueError(f"images[{i}] has pixel values in [{low.item():.4g}, {high.item():.4g}]; expected "
+                         "floats in [0, 1] (8-bit pixels: divide by 255)")
+
+
+def _check_target(i: int, target: dict, size: tuple[int, int], num_classes: int) -> None:
+    for key in ("boxes", "labels"):
+        if key not in target:
+            raise ValueError(f"targets[{i}] is missing key {key!r} (has {sorted(target)})")
+    gt_boxes, labels = target["boxes"], target["labels"]
+    if gt_boxes.dim() != 2 or gt_boxes.shape[-1] != 4:
+        raise ValueError(f"targets[{i}]['boxes'] must be Tensor[G, 4], got {tuple(gt_boxes.shape)}")
+    if len(labels) != len(gt_boxes):
+        raise ValueError(f"targets[{i}]: {len(gt_boxes)} boxes but {len(labels)} labels")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"targets[{i}]['labels'] must be an integer Tensor[G], got {labels.dtype}")
+    if len(gt_boxes):
+        _check_boxes(i, gt_boxes, size)
+        _check_labels(i, labels, num_classes)
+
+
+def _check_boxes(i: int, gt_boxes: Tensor, size: tuple[int, int]) -> None:
+    """Non-finite, degenerate, or wholly outside the image (partly outside is fine: COCO clips)."""
+    height, width = size
+    x1, y1, x2, y2 = gt_boxes.unbind(1)
+    problems = torch.stack([~torch.isfinite(gt_boxes).all(1), (x2 <= x1) | (y2 <= y1),
+                            (x1 >= width) | (y1 >= height) | (x2 <= 0) | (y2 <= 0)])  # [3, G]
+    if problems.any():
+        kind, j = torch.nonzero(problems)[0].tolist()
+        why = ("is not finite", "is degenerate (needs x2 > x1 and y2 > y1)",
+               f"lies wholly outside the {height} x {width} px image (H x W)")[kind]
+        raise ValueError(f"targets[{i}]['boxes'][{j}] = {gt_boxes[j].tolist()} {why}")
+
+
+def _check_labels(i: int, labels: Tensor, num_classes: int) -> None:
+    low, high = torch.aminmax(labels)
+    if low < 1 or high >= num_classes:
+        j = torch.nonzero((labels < 1) | (labels >= num_classes))[0].item()
+        hint = " (0 is the background: 0-based labels need + 1)" if labels[j] == 0 else ""
+        raise ValueError(f"targets[{i}]['labels'][{j}] = {labels[j].item()}; expected a class label in "
+                         f"1..{num_classes - 1} (config.num_classes={num_classes} counts the background){hint}")
 
 
 def batch_images(images: list[Tensor], mean: Tensor, std: Tensor, size_divisible: int) -> Tensor:
@@ -127,7 +178,7 @@ class MaskRCNN(nn.Module):
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         if self.training and targets is None:
             raise ValueError("targets is None: a model in train mode needs targets (call model.eval() to predict)")
-        validate_inputs(images, targets if self.training else None)
+        validate_inputs(images, targets if self.training else None, self.config.num_classes)
         if self.training and self.config.with_mask:
             _check_masks(images, targets)
         image_sizes = [tuple(img.shape[-2:]) for img in images]
@@ -146,7 +197,8 @@ class MaskRCNN(nn.Module):
 
 
 def _check_masks(images: list[Tensor], targets: list[dict]) -> None:
-    """Training Mask R-CNN needs ``masks`` ``Tensor[G, H, W]`` matching each image and its boxes."""
+    """Training Mask R-CNN needs 0/1 ``masks`` ``Tensor[G, H, W]`` matching each image and its boxes
+    (a 0/255 PNG mask would make the binary cross-entropy's targets 255)."""
     for i, (image, target) in enumerate(zip(images, targets)):
         masks = target.get("masks")
         if masks is None:
@@ -154,6 +206,11 @@ def _check_masks(images: list[Tensor], targets: list[dict]) -> None:
         expected = (len(target["boxes"]), *image.shape[-2:])
         if tuple(masks.shape) != expected:
             raise ValueError(f"targets[{i}]['masks'] has shape {tuple(masks.shape)}, expected {expected}")
+        bad = (masks != 0) & (masks != 1)                                           # [G, H, W]
+        if bad.any():
+            j, y, x = torch.nonzero(bad)[0].tolist()
+            raise ValueError(f"targets[{i}]['masks'][{j}] holds {masks[j, y, x].item()} at (row {y}, col {x}); "
+                             "masks must be 0/1 (a 0/255 mask: divide by 255 or compare > 0)")
 
 
 def FasterRCNN(config: ModelConfig | None = None) -> MaskRCNN:  # noqa: N802 (reads as a class)

@@ -64,6 +64,8 @@ def make_run(args: argparse.Namespace) -> RunConfig:
         raise ValueError(f"--image-size={args.image_size}; expected at least 32 px")
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers={args.workers}; expected >= 0")
+    if out_dir(args).exists() and not out_dir(args).is_dir():
+        raise ValueError(f"--out {str(out_dir(args))!r} is a file; give a folder for the run's checkpoints and metrics")
     run = presets.PRESETS[args.config]()
     flags = {"data": args.data, "coco_images": args.coco_images, "coco_annotations": args.coco_annotations,
              "image_size": args.image_size, "device": args.device}
@@ -85,6 +87,11 @@ def _check_coco_paths(run: RunConfig) -> None:
         raise FileNotFoundError(f"--coco-images {run.coco_images!r}: no such folder")
     if not Path(run.coco_annotations).is_file():
         raise FileNotFoundError(f"--coco-annotations {run.coco_annotations!r}: no such file")
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    """The run folder: ``--out``, or ``runs/<config>``."""
+    return Path(args.out) if args.out else Path("runs") / args.config
 
 
 def make_datasets(run: RunConfig):
@@ -150,16 +157,25 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     try:
         run = make_run(args)
-        _, history = run_training(run, args.out or Path("runs") / args.config, resume=args.resume,
+        _, history = run_training(run, out_dir(args), resume=args.resume,
                                   overwrite=args.overwrite, stop_at=args.stop_at, progress=not args.no_progress)
         is_main = distributed.is_main()
     except (ValueError, FileNotFoundError, utils.DeviceError, FloatingPointError) as error:
-        raise SystemExit(f"course_lib.train: error: {error}") from None
+        raise SystemExit(f"course_lib.train: error: {_one_line(error)}") from None
     finally:
         distributed.cleanup()
     if is_main:
         print(_final_line(history))
     return history
+
+
+def _one_line(error: Exception) -> str:
+    """The error's message on one line. A DataLoader worker re-raises a data set's error with the worker's
+    traceback in front (``Caught ValueError in DataLoader worker process 0 ...``): keep its last line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1].split(": ", 1)[-1] + " (in a DataLoader worker)"
+    return " ".join(lines)
 
 
 def _final_line(history: dict) -> str:
