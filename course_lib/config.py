@@ -197,11 +197,31 @@ class RunConfig:
     device: str = "auto"            # "auto", "cpu" or "cuda"
     coco_images: str | None = None
     coco_annotations: str | None = None
+    val_coco_images: str | None = None       # coco: a separate validation set (--val-images) ...
+    val_coco_annotations: str | None = None  # ... and its json (--val-annotations)
+    val_fraction: float = 0.1       # coco without a validation set: share held out, seeded by train.seed
+    eval_on_train: bool = False     # coco: evaluate on the training images (AP then measures memory)
 
     def __post_init__(self):
         _check_choices(self, {"data": ("shapes", "coco"), "device": ("auto", "cpu", "cuda")})
         if self.image_size < 32:
             raise ValueError(f"RunConfig.image_size={self.image_size}; expected >= 32 px")
+        self._check_validation()
+
+    def _check_validation(self) -> None:
+        """One way to pick the evaluated images; training images only when asked for by name."""
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"RunConfig.val_fraction={self.val_fraction!r} (--val-fraction); "
+                             "expected a fraction in [0, 1)")
+        if (self.val_coco_images is None) != (self.val_coco_annotations is None):
+            raise ValueError("a separate validation set needs both --val-images DIR and --val-annotations FILE "
+                             "(RunConfig.val_coco_images, val_coco_annotations)")
+        if self.eval_on_train and (self.val_fraction or self.val_coco_images is not None):
+            raise ValueError("--eval-on-train (RunConfig.eval_on_train) evaluates on the training images: it takes "
+                             f"--val-fraction 0 (got {self.val_fraction}) and no --val-images")
+        if self.data == "coco" and self.val_fraction == 0 and not self.eval_on_train and self.val_coco_images is None:
+            raise ValueError("--val-fraction 0 (RunConfig.val_fraction) holds out no images; to evaluate on the "
+                             "training images say so with --eval-on-train (eval_on_train=True)")
 
     @classmethod
     def from_dict(cls, fields: dict) -> "RunConfig":

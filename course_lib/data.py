@@ -7,7 +7,7 @@ edges), of 6 to 50 px on a 128 px image, over a textured colour gradient, where 
 occlude earlier ones. The same code path then reads any real COCO-format set.
 
 Public names: ``CLASSES``, ``NUM_CLASSES``, ``ShapesDataset``, ``shape_mask``, ``collate_fn``,
-``to_coco``, ``save_coco``, ``CocoDataset``, ``Resized``.
+``to_coco``, ``save_coco``, ``CocoDataset``, ``split_indices``, ``Subset``, ``Resized``.
 
 Conventions (torchvision's): image float ``Tensor[3, H, W]`` in [0, 1]; a target dict with
 ``boxes`` float32 ``Tensor[N, 4]`` (xyxy, continuous pixel coordinates: pixel (row r, col c)
@@ -397,6 +397,48 @@ def _read_image(path: Path, info: dict, source: str) -> Tensor:
                          f"but {source!r} says {info['height']} x {info['width']} (height x width)")
     pixels = np.asarray(pil, dtype=np.float32) / 255
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # [3, H, W]
+
+def split_indices(num_images: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(train, val)``: a seeded random ``val_fraction`` of the indices ``0 .. num_images - 1`` held out.
+
+    Both sorted, disjoint, together every index; at least one each (else ``ValueError``). The same
+    ``seed`` gives the same split, so a resumed run trains and evaluates on the same images. Why:
+    AP on the images a model trained on measures how well it remembers them, not how well it
+    detects objects it has not seen (a from-scratch detector can score high on one and low on the other).
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction!r}; expected a fraction strictly between 0 and 1")
+    num_val = max(1, round(val_fraction * num_images))
+    if num_images - num_val < 1:
+        raise ValueError(f"val_fraction={val_fraction} of {num_images} images leaves {num_images - num_val} to "
+                         "train on; a held-out split needs at least 2 images (1 to train, 1 to evaluate)")
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[num_val:]), sorted(order[:num_val])
+
+
+class Subset(torch.utils.data.Dataset):
+    """The images ``indices`` of ``dataset``: ``subset[k] = dataset[indices[k]]`` (a held-out split).
+
+    Keeps ``classes`` and ``label_to_cat_id`` (labels and category ids stay the full set's) but not
+    the full set's ``coco`` json: ``evaluate.coco_evaluate`` then builds the ground truth of these
+    images alone (``to_coco``); the full json would count every other image's objects as misses.
+    """
+
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+        outside = [i for i in self.indices if not 0 <= i < len(dataset)]
+        if outside:
+            raise ValueError(f"indices {outside[:5]} are outside the data set of {len(dataset)} images")
+        self.classes = getattr(dataset, "classes", CLASSES)
+        if hasattr(dataset, "label_to_cat_id"):
+            self.label_to_cat_id = dataset.label_to_cat_id
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        return self.dataset[self.indices[k]]
+
 
 class Resized(torch.utils.data.Dataset):
     """A data set whose images are shrunk so the longest side is at most ``max_size`` pixels.

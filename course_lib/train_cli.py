@@ -12,17 +12,25 @@ the presets in ``presets.PRESETS``:
 Flags override a preset's fields (``--steps``, ``--batch-size``, ``--image-size``, ...). The run
 writes into ``--out``: ``run.json`` (the settings, the command, the machine), ``metrics.jsonl``
 (one line per step and per evaluation), ``last.pt`` and ``best.pt`` (checkpoints) and
-``summary.json`` (final AP, wall time, images/s). ``--resume`` continues from ``last.pt``
+``summary.json`` (final AP, wall time, images/s), and for COCO-format data ``split.json`` (the
+image ids and file names trained and evaluated on). ``--resume`` continues from ``last.pt``
 exactly: same schedule, optimizer, scaler, RNG and data order. A folder that already holds a run
 is refused unless ``--resume`` or ``--overwrite``. Every bad input ends in one line naming it.
 
-Public names: ``build_parser``, ``make_run``, ``make_datasets``, ``run_training``, ``main``.
+COCO-format data (``--data coco``) is evaluated on held-out images only: a separate set
+(``--val-images``, ``--val-annotations``), or else a seeded ``--val-fraction`` of the training
+set's images (default 0.1), never trained on. ``--eval-on-train`` evaluates on the training images
+instead, and only when asked for by that name (such an AP measures memory, not detection).
+
+Public names: ``build_parser``, ``make_run``, ``make_datasets``, ``coco_sets``, ``split_record``,
+``run_training``, ``main``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", choices=("shapes", "coco"), help="shapes (generated) or coco (files)")
     parser.add_argument("--coco-images", help="folder of the COCO-format set's images")
     parser.add_argument("--coco-annotations", help="its instances json")
+    parser.add_argument("--val-images", help="coco: folder of a separate validation set's images")
+    parser.add_argument("--val-annotations", help="coco: the validation set's instances json")
+    parser.add_argument("--val-fraction", type=float,
+                        help="coco without --val-images: share of the images held out for evaluation, "
+                             "seeded by the run's seed (default 0.1; OUT/split.json lists them)")
+    parser.add_argument("--eval-on-train", action="store_true", default=None,
+                        help="coco: evaluate on the training images themselves (no held-out split; the AP "
+                             "then measures memory, not detection)")
     parser.add_argument("--image-size", type=int, help="shapes: side; coco: longest side (px)")
     parser.add_argument("--batch-size", type=int, help="images per step over all processes")
     parser.add_argument("--steps", type=int, help="total SGD steps")
@@ -68,7 +84,13 @@ def make_run(args: argparse.Namespace) -> RunConfig:
         raise ValueError(f"--out {str(out_dir(args))!r} is a file; give a folder for the run's checkpoints and metrics")
     run = presets.PRESETS[args.config]()
     flags = {"data": args.data, "coco_images": args.coco_images, "coco_annotations": args.coco_annotations,
-             "image_size": args.image_size, "device": args.device}
+             "image_size": args.image_size, "device": args.device, "val_coco_images": args.val_images,
+             "val_coco_annotations": args.val_annotations, "eval_on_train": args.eval_on_train,
+             "val_fraction": 0.0 if args.eval_on_train and args.val_fraction is None else args.val_fraction}
+    coco_only = [f"--{k.replace('_', '-')}" for k in ("val_images", "val_annotations", "val_fraction", "eval_on_train")
+                 if getattr(args, k) is not None]
+    if coco_only and (args.data or run.data) != "coco":
+        raise ValueError(f"{coco_only[0]} applies to --data coco only")
     fit_flags = {"batch_size": args.batch_size, "steps": args.steps, "workers": args.workers, "amp": args.amp,
                  "channels_last": args.channels_last, "compile": args.compile}
     train_config = dataclasses.replace(run.train, **{k: v for k, v in fit_flags.items() if v is not None})
@@ -87,6 +109,10 @@ def _check_coco_paths(run: RunConfig) -> None:
         raise FileNotFoundError(f"--coco-images {run.coco_images!r}: no such folder")
     if not Path(run.coco_annotations).is_file():
         raise FileNotFoundError(f"--coco-annotations {run.coco_annotations!r}: no such file")
+    if run.val_coco_images is not None and not Path(run.val_coco_images).is_dir():
+        raise FileNotFoundError(f"--val-images {run.val_coco_images!r}: no such folder")
+    if run.val_coco_annotations is not None and not Path(run.val_coco_annotations).is_file():
+        raise FileNotFoundError(f"--val-annotations {run.val_coco_annotations!r}: no such file")
 
 
 def out_dir(args: argparse.Namespace) -> Path:
@@ -95,19 +121,69 @@ def out_dir(args: argparse.Namespace) -> Path:
 
 
 def make_datasets(run: RunConfig):
-    """``(train_set, val_set)``: shapes sets of two seeds, or the COCO-format set (resized) for both."""
+    """``(train_set, val_set)``: shapes sets of two seeds, or the COCO-format sets (``coco_sets``) resized."""
     if run.data == "shapes":
         return (data.ShapesDataset(run.train_images, image_size=run.image_size, seed=run.train.seed),
                 data.ShapesDataset(run.val_images, image_size=run.image_size, seed=run.train.seed + 1,
                                    image_id_offset=run.train_images))
-    coco = data.Resized(data.CocoDataset(run.coco_images, run.coco_annotations), run.image_size)
-    return coco, coco
+    return tuple(data.Resized(dataset, run.image_size) for dataset in coco_sets(run))
+
+
+def coco_sets(run: RunConfig):
+    """``(train_set, val_set)`` of COCO-format data: the separate validation set when given, else a
+    seeded split (``data.split_indices``) of the one set; the same images twice only for ``eval_on_train``."""
+    full = data.CocoDataset(run.coco_images, run.coco_annotations)
+    if run.eval_on_train:
+        return full, full
+    if run.val_coco_images is None:
+        train_indices, val_indices = data.split_indices(len(full), run.val_fraction, run.train.seed)
+        return data.Subset(full, train_indices), data.Subset(full, val_indices)
+    val_set = data.CocoDataset(run.val_coco_images, run.val_coco_annotations)
+    if (val_set.classes, val_set.label_to_cat_id) != (full.classes, full.label_to_cat_id):
+        raise ValueError(f"--val-annotations declares the categories {_categories(val_set)}, --coco-annotations "
+                         f"{_categories(full)}; labels would not mean the same class in both")
+    seen = {os.path.abspath(Path(run.coco_images) / f["file_name"]) for f in _image_files(full)}
+    shared = [f["file_name"] for f in _image_files(val_set)
+              if os.path.abspath(Path(run.val_coco_images) / f["file_name"]) in seen]
+    if shared:
+        raise ValueError(f"--val-images and --coco-images share {len(shared)} image files (first: {shared[0]!r}); "
+                         "a validation set must hold images the model does not train on")
+    return full, val_set
+
+
+def _categories(dataset: data.CocoDataset) -> dict:
+    return {cat_id: dataset.classes[label - 1] for label, cat_id in dataset.label_to_cat_id.items()}
+
+
+def _image_files(dataset) -> list[dict]:
+    """``[{"id", "file_name"}]`` per image of a ``CocoDataset``, or of a ``Subset`` or ``Resized`` of one."""
+    if isinstance(dataset, (data.Subset, data.Resized)):
+        files = _image_files(dataset.dataset)
+        return [files[i] for i in dataset.indices] if isinstance(dataset, data.Subset) else files
+    return [{"id": image_id, "file_name": dataset.coco.imgs[image_id]["file_name"]} for image_id in dataset.ids]
+
+
+def split_record(run: RunConfig, train_set, val_set) -> dict:
+    """What ``split.json`` holds: how the images were split and each side's image ids and file names."""
+    how = ("separate validation set" if run.val_coco_images is not None else
+           "evaluated on the training images (--eval-on-train)" if run.eval_on_train else
+           f"seeded split: val_fraction {run.val_fraction}, seed {run.train.seed}")
+    return {"how": how, "train": _image_files(train_set), "val": _image_files(val_set)}
+
+
+def _write_split(path: Path, record: dict, resume: bool) -> None:
+    """Write ``split.json``; a resume refuses a split other than the one its run trained on."""
+    if resume and path.exists() and json.loads(path.read_text()) != record:
+        raise ValueError(f"{str(path)!r} records another split of the images than this run makes (another "
+                         "--val-fraction, validation set or annotation file?); resume with the same data or start anew")
+    _write_json(path, record)
 
 
 def _run_settings(run: RunConfig) -> dict:
     """The settings that change the numbers a run computes (compared on resume): the data, not the
     device (``fit`` adds the model and the numeric training fields)."""
-    keep = ("name", "data", "image_size", "train_images", "val_images", "coco_images", "coco_annotations")
+    keep = ("name", "data", "image_size", "train_images", "val_images", "coco_images", "coco_annotations",
+            "val_coco_images", "val_coco_annotations", "val_fraction", "eval_on_train")
     return {k: getattr(run, k) for k in keep}
 
 
@@ -127,6 +203,8 @@ def run_training(run: RunConfig, out: str | Path, resume: bool = False, overwrit
     if distributed.is_main():
         if resume and not (out / "last.pt").exists():
             print(f"--resume: no checkpoint last.pt in {out.name}/ yet, so a new run starts")
+        if run.data == "coco":
+            _write_split(out / "split.json", split_record(run, train_set, val_set), resume)
         _write_json(out / "run.json", {"command": sys.argv, "run": dataclasses.asdict(run), "device": str(device),
                                        "world_size": world, "machine": utils.machine_info(device)})
     start = time.perf_counter()

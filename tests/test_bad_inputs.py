@@ -211,11 +211,11 @@ def test_coco_errors_end_in_one_line_on_the_command_line(coco, tmp_path):
     with pytest.raises(SystemExit, match=r"^course_lib.train: error: image file '.*000000.png' \(image id 0\) "
                                          r"is 60 x 64 px"):
         _cli(tmp_path / "out", "--data", "coco", "--coco-images", str(image_dir), "--coco-annotations",
-             str(annotations))
+             str(annotations), "--eval-on-train")
     with pytest.raises(SystemExit, match=r"^course_lib.train: error: image file '.*000000.png' \(image id 0\) "
                                          r"is 60 x 64 px but .* \(in a DataLoader worker\)$"):
         _cli(tmp_path / "out2", "--data", "coco", "--coco-images", str(image_dir), "--coco-annotations",
-             str(annotations), "--workers", "1", "--batch-size", "3")
+             str(annotations), "--eval-on-train", "--workers", "1", "--batch-size", "3")
 
 
 # ---- the run itself: train.fit and the command line refuse before any work --------------------------
