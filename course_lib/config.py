@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 POOLERS = ("roi_align", "roi_align_max", "roi_warp", "roi_pool")
 MASK_LOSSES = ("sigmoid", "softmax", "sigmoid_agnostic")
+SOFTMAX_RULES = ("probability", "argmax")
 SCHEDULES = ("cosine", "onecycle", "constant")
 
 
@@ -120,13 +121,18 @@ class ModelConfig:
     mask_num_convs: int = 4
     mask_loss: str = "sigmoid"      # "sigmoid" (per-class, decoupled), "softmax" (coupled) or
                                     # "sigmoid_agnostic" (one mask for every class; Table 2b)
+    softmax_mask_rule: str = "probability"  # softmax masks: p >= 0.5, or "argmax" (FCN); mask_head.mask_probs
 
     # ---- Mask Transfiner refinement (chapter 09) -----------------------------------------
     refiner: TransfinerConfig | None = None  # a refinement stage on top (trained second: train_refiner)
 
     def __post_init__(self):
         _check_choices(self, {"backbone": ("tiny", "resnet50"), "stride": (8, 16, 32), "norm": ("bn", "gn"),
-                              "pooler": POOLERS, "mask_loss": MASK_LOSSES})
+                              "pooler": POOLERS, "mask_loss": MASK_LOSSES,
+                              "softmax_mask_rule": SOFTMAX_RULES})
+        if self.fpn and self.pooler != "roi_align":
+            raise ValueError(f"ModelConfig.pooler={self.pooler!r} with fpn=True: the pyramid pools with "
+                             "RoIAlign only (fpn.multiscale_roi_align)")
         if self.num_classes < 2:
             raise ValueError(f"ModelConfig.num_classes={self.num_classes}: needs background + at least 1 class")
         if self.refiner is not None and (not self.with_mask or self.mask_loss != "sigmoid"):

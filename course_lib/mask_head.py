@@ -12,7 +12,8 @@ set has 3 classes, so the head has 4 output channels and channel 0 is never a si
 The paper's central claim about this branch is *decoupling*: it predicts one binary mask per class
 and trains only the ground-truth class's mask with a per-pixel sigmoid, so classes never compete
 for a pixel; the box head's classifier alone decides the class. ``mask_loss(kind="softmax")`` is
-the coupled alternative the paper compares against (Table 2b: 30.3 -> 24.8 mask AP on COCO).
+the coupled alternative the paper compares against (Table 2b: 30.3 -> 24.8 mask AP on COCO), and
+``kind="sigmoid_agnostic"`` the class-agnostic one (one mask for every class: 29.7).
 """
 from __future__ import annotations
 
@@ -21,19 +22,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from course_lib import roi_ops
-from course_lib.config import ModelConfig
-
-LOSS_KINDS = ("sigmoid", "softmax")
+from course_lib.config import MASK_LOSSES as LOSS_KINDS
+from course_lib.config import SOFTMAX_RULES, ModelConfig
 
 
 class MaskHead(nn.Module):
     """The mask FCN: ``mask_num_convs`` 3x3 convs + ReLU, a 2x transposed conv + ReLU, a 1x1 conv.
 
     ``forward(x: Tensor[K, C, S, S]) -> mask_logits: Tensor[K, num_classes, 2S, 2S]`` (logits,
-    not probabilities). The paper's head on C4/FPN features is 4 convs of 256 channels, a deconv to
-    28x28 and one output mask per class (Mask R-CNN Fig. 4); our widths come from ``ModelConfig``
-    (64 channels by default, for the CPU). Init as the paper/torchvision: Kaiming normal with
-    ``fan_out`` (He et al. 2015), zero biases.
+    not probabilities; one channel when ``config.mask_loss == "sigmoid_agnostic"``). The paper's head
+    on C4/FPN features is 4 convs of 256 channels, a deconv to 28x28 and one output mask per class
+    (Mask R-CNN Fig. 4); our widths come from ``ModelConfig`` (64 channels by default, for the CPU).
+    Init: Kaiming normal with ``fan_out`` (He et al. 2015) and zero biases for the hidden layers, as
+    torchvision; the last 1x1 conv N(0, 0.001) as Detectron2, so every logit starts near 0 and the
+    loss at log 2 (sigmoid) or log L (softmax) whatever the features' scale (with Kaiming there the
+    first logits grow with the features, and so does the first loss).
     """
 
     def __init__(self, config: ModelConfig, in_channels: int):
@@ -45,11 +48,13 @@ class MaskHead(nn.Module):
             channels = config.mask_conv_channels
         self.fcn = nn.Sequential(*layers)
         self.deconv = nn.ConvTranspose2d(channels, config.mask_conv_channels, 2, stride=2)
-        self.mask_fcn_logits = nn.Conv2d(config.mask_conv_channels, config.num_classes, 1)
+        outputs = 1 if config.mask_loss == "sigmoid_agnostic" else config.num_classes
+        self.mask_fcn_logits = nn.Conv2d(config.mask_conv_channels, outputs, 1)
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(module.bias)
+        nn.init.normal_(self.mask_fcn_logits.weight, std=0.001)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.fcn(x)                      # [K, D, S, S]
@@ -104,7 +109,7 @@ def _check_loss_inputs(mask_logits: Tensor, targets: Tensor, labels: Tensor, kin
         raise ValueError(f"mask_targets must be Tensor[{k}, {m}, {m}], got {tuple(targets.shape)}")
     if labels.shape != (k,):
         raise ValueError(f"labels must be Tensor[{k}], got {tuple(labels.shape)}")
-    if k and (labels.min() < 1 or labels.max() >= c):
+    if kind != "sigmoid_agnostic" and k and (labels.min() < 1 or labels.max() >= c):
         raise ValueError(f"labels must lie in 1..{c - 1} (0 is background), got {labels.tolist()}")
 
 
@@ -115,7 +120,8 @@ def mask_loss(mask_logits: Tensor, mask_targets: Tensor, labels: Tensor, kind: s
         mask_logits: ``Tensor[K, num_classes, M, M]`` logits from ``MaskHead`` (channel 0 = background).
         mask_targets: ``Tensor[K, M, M]`` float soft targets from ``mask_targets``.
         labels: ``Tensor[K]`` int64 in 1..num_classes-1, the gt class of each positive RoI.
-        kind: ``"sigmoid"`` (the paper) or ``"softmax"`` (the coupled baseline of Table 2b).
+        kind: ``"sigmoid"`` (the paper), ``"softmax"`` (the coupled baseline of Table 2b) or
+            ``"sigmoid_agnostic"`` (``mask_logits`` has one channel, every class's mask).
 
     Returns:
         a scalar; 0 (still attached to the graph) when K = 0.
@@ -130,42 +136,57 @@ def mask_loss(mask_logits: Tensor, mask_targets: Tensor, labels: Tensor, kind: s
     and cross-entropy against the target distribution that puts ``t`` on the gt class and
     ``1 - t`` on background: ``mean_{k,i,j} -[t log p_label + (1 - t) log p_0]``. For a 0/1 target
     this is the usual multinomial loss (gt class inside the mask, background outside). Every
-    channel gets gradient ``p_c - target_c``, so classes compete for every pixel.
+    channel gets gradient ``p_c - target_c``, so classes compete for every pixel: to put its mass
+    on the right channel the mask head must itself tell the classes apart.
+
+    ``"sigmoid_agnostic"``: the same BCE on the one channel every RoI shares.
     """
     _check_loss_inputs(mask_logits, mask_targets, labels, kind)
     if labels.numel() == 0:
         return mask_logits.sum() * 0
     index = torch.arange(labels.shape[0], device=labels.device)
-    if kind == "sigmoid":
-        return F.binary_cross_entropy_with_logits(mask_logits[index, labels], mask_targets)
+    if kind != "softmax":
+        channel = labels if kind == "sigmoid" else torch.zeros_like(labels)
+        return F.binary_cross_entropy_with_logits(mask_logits[index, channel], mask_targets)
     target_dist = torch.zeros_like(mask_logits)                # [K, num_classes, M, M]
     target_dist[index, labels] = mask_targets
     target_dist[:, 0] += 1 - mask_targets                      # background takes the rest
     return F.cross_entropy(mask_logits, target_dist)
 
 
-def mask_probs(mask_logits: Tensor, labels: Tensor, kind: str = "sigmoid") -> Tensor:
-    """Inference: the probability mask of each detection's predicted class.
+def mask_probs(mask_logits: Tensor, labels: Tensor, kind: str = "sigmoid", rule: str = "probability") -> Tensor:
+    """Inference: the probability mask of each detection's predicted class (threshold it at 0.5).
 
     Args:
-        mask_logits: ``Tensor[N, num_classes, M, M]``.
+        mask_logits: ``Tensor[N, num_classes, M, M]`` (one channel for ``"sigmoid_agnostic"``).
         labels: ``Tensor[N]`` int64, the class the box head predicted for each detection.
         kind: the loss the head was trained with; ``"sigmoid"`` takes ``sigmoid`` of channel
-            ``labels[n]`` (as torchvision's ``maskrcnn_inference``), ``"softmax"`` takes that
-            channel after a softmax across channels.
+            ``labels[n]`` (as torchvision's ``maskrcnn_inference``), ``"sigmoid_agnostic"`` of the
+            one channel, ``"softmax"`` that channel after a softmax across channels.
+        rule: for ``"softmax"``, which pixels form the mask: ``"probability"``, where ``p_label >=
+            0.5`` (the sigmoid's rule), or ``"argmax"``, where the label is the most probable
+            channel (FCN's rule); it returns ``p_label / (p_label + max_other)``, which is
+            ``>= 0.5`` exactly there. With 4 channels the two differ: 0.4 can be the largest.
 
     Returns:
-        ``Tensor[N, 1, M, M]`` probabilities in [0, 1], still in the RoI's frame (paste them with
-        ``paste_masks_in_image``).
+        ``Tensor[N, 1, M, M]`` in [0, 1], still in the RoI's frame (paste with ``paste_masks_in_image``).
     """
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"kind={kind!r}; expected one of {LOSS_KINDS}")
+    if kind not in LOSS_KINDS or rule not in SOFTMAX_RULES:
+        raise ValueError(f"kind={kind!r}, rule={rule!r}; expected one of {LOSS_KINDS} and of {SOFTMAX_RULES}")
     if mask_logits.ndim != 4 or labels.shape != mask_logits.shape[:1]:
         raise ValueError(f"mask_logits {tuple(mask_logits.shape)} and labels {tuple(labels.shape)} "
                          "must be [N, num_classes, M, M] and [N]")
-    probs = mask_logits.sigmoid() if kind == "sigmoid" else mask_logits.softmax(dim=1)
     index = torch.arange(labels.shape[0], device=labels.device)
-    return probs[index, labels][:, None]                       # [N, 1, M, M]
+    if kind != "softmax":
+        channel = labels if kind == "sigmoid" else torch.zeros_like(labels)
+        return mask_logits[index, channel].sigmoid()[:, None]  # [N, 1, M, M]
+    probs = mask_logits.softmax(dim=1)                         # [N, L, M, M]
+    own = probs[index, labels]                                 # [N, M, M]
+    if rule == "argmax":
+        others = probs.clone()
+        others[index, labels] = -1.0
+        own = own / (own + others.amax(dim=1)).clamp(min=1e-12)
+    return own[:, None]                                        # [N, 1, M, M]
 
 
 def _expand_boxes(boxes: Tensor, scale: float) -> Tensor:

@@ -242,6 +242,7 @@ class RoIHeads(nn.Module):
         mask_logits = self.mask_head(self.pool(features, [d["boxes"] for d in detections],
                                                 self.config.mask_roi_size))          # [K, L, M, M]
         labels = torch.cat([d["labels"] for d in detections])
-        probs = mask_head.mask_probs(mask_logits, labels, kind=self.config.mask_loss)   # [K, 1, M, M]
+        probs = mask_head.mask_probs(mask_logits, labels, self.config.mask_loss,
+                                     self.config.softmax_mask_rule)                    # [K, 1, M, M]
         for det, masks in zip(detections, probs.split([len(d["boxes"]) for d in detections])):
             det["masks"] = masks

@@ -18,7 +18,8 @@ Dimension letters: N images, C channels, H x W the feature map, K RoIs (U in one
 output bins, GH x GW sampling points per bin (RoIAlign), MH x MW the largest bin in cells (RoIPool).
 Boxes are xyxy in image pixels; ``spatial_scale`` (= 1 / stride) maps them to feature cells.
 
-Public names: ``roi_pool``, ``roi_align``, ``pool_rois`` (the one switch to torchvision's fast
+Public names: ``roi_pool``, ``roi_align``, the other poolers of Mask R-CNN's Table 2c ``roi_warp``
+and ``roi_align_max``, ``pool_rois`` (the one switch between them and to torchvision's fast
 kernels), and the geometry the two ops share with the teaching helpers: ``as_rois``,
 ``roi_pool_bins``, ``roi_align_samples``.
 """
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from course_lib.config import POOLERS
 
 # Chunks bound RoIAlign's index tables: an adaptive grid grows with the box (10 RoIs of 400-800
 # cells took 650 MB in one table); 2^20 entries (8 B index, 4 B weight) keep a chunk near 12 MB.
@@ -355,21 +358,64 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
     return pooled.reshape(k, ph, pw, c).permute(0, 3, 1, 2).contiguous()  # [K, C, PH, PW]
 
 
+def roi_warp(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int],
+             spatial_scale: float = 1.0, sampling_ratio: int = 2, fast: bool = True) -> Tensor:
+    """RoIWarp (Dai et al. 2016, MNC): RoIPool's first quantization, then RoIAlign's bilinear sampling.
+
+    Each box edge is rounded to the nearest feature-cell edge (a multiple of the stride; a box
+    that rounds to nothing keeps one cell), then pooled by ``roi_align(aligned=True)``. Mask R-CNN's
+    Table 2c puts it between RoIPool and RoIAlign: bilinear like RoIAlign, misaligned like
+    RoIPool, which separates "bilinear" from "no rounding". Args and ``Tensor[K, C, PH, PW]`` as
+    ``roi_align``.
+    """
+    rois = as_rois(boxes)
+    cells = _round_half_away(rois[:, 1:].double() * spatial_scale)  # [K, 4] box edges in whole cells
+    cells[:, 2:] = torch.maximum(cells[:, 2:], cells[:, :2] + 1)
+    snapped = torch.cat([rois[:, :1], (cells / spatial_scale).to(rois.dtype)], dim=1)  # [K, 5] pixels
+    align = torchvision.ops.roi_align if fast else roi_align
+    return align(input, snapped, output_size, spatial_scale, sampling_ratio, True)
+
+
+def roi_align_max(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int],
+                  spatial_scale: float = 1.0, sampling_ratio: int = 2, aligned: bool = True,
+                  fast: bool = True) -> Tensor:
+    """RoIAlign that max-pools its bilinear samples instead of averaging them (Mask R-CNN §3 allows
+    either; Table 2c: 30.2 max vs 30.3 average). Needs a fixed grid, ``sampling_ratio`` > 0.
+
+    The G x G samples of a bin are exactly the centres of a G times finer RoIAlign grid with one
+    sample per bin, so this is ``roi_align(G * PH x G * PW, sampling_ratio=1)`` then a G x G max
+    pool (an average pool there gives back ``roi_align`` itself: tests/test_roi_ops.py checks both).
+    """
+    if not (isinstance(sampling_ratio, int) and sampling_ratio > 0):
+        raise ValueError(f"roi_align_max needs a fixed sampling_ratio > 0, got {sampling_ratio!r}")
+    ph, pw = _pair(output_size)
+    fine = (ph * sampling_ratio, pw * sampling_ratio)
+    align = torchvision.ops.roi_align if fast else roi_align
+    samples = align(input, boxes, fine, spatial_scale, 1, aligned)  # [K, C, G*PH, G*PW]
+    return F.max_pool2d(samples, sampling_ratio) if len(samples) else samples.new_zeros(0, input.shape[1], ph, pw)
+
+
 def pool_rois(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int],
               spatial_scale: float, pooler: str = "roi_align", sampling_ratio: int = 2,
               aligned: bool = True, fast: bool = True) -> Tensor:
-    """The model's one switch between torchvision's kernels (``fast``) and the hand-built ops.
+    """The model's one switch between the poolers of Table 2c, and between torchvision's kernels
+    (``fast``) and the hand-built ops.
 
-    Args as ``roi_align``; ``pooler`` is ``"roi_align"`` or ``"roi_pool"`` (which ignores
-    ``sampling_ratio`` and ``aligned``). Both paths return the same ``Tensor[K, C, PH, PW]``
-    (tests/test_roi_ops.py checks it); the fast one is several times quicker.
+    Args as ``roi_align``; ``pooler`` is one of ``POOLERS``: ``"roi_align"``, ``"roi_align_max"``,
+    ``"roi_warp"`` (always ``aligned``) or ``"roi_pool"`` (ignores ``sampling_ratio`` and
+    ``aligned``). Both paths return the same ``Tensor[K, C, PH, PW]`` (tests/test_roi_ops.py
+    checks it); the fast one is several times quicker.
     """
-    if pooler not in ("roi_align", "roi_pool"):
-        raise ValueError(f"pooler must be 'roi_align' or 'roi_pool', got {pooler!r}")
+    if pooler not in POOLERS:
+        raise ValueError(f"pooler must be one of {POOLERS}, got {pooler!r}")
     if pooler == "roi_pool":
         if fast:
             return torchvision.ops.roi_pool(input, boxes, output_size, spatial_scale)
         return roi_pool(input, boxes, output_size, spatial_scale)
+    if pooler == "roi_warp":
+        return roi_warp(input, boxes, output_size, spatial_scale, sampling_ratio, fast)
+    if pooler == "roi_align_max":
+        return roi_align_max(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, fast)
     if fast:
         return torchvision.ops.roi_align(input, boxes, output_size, spatial_scale,
                                          sampling_ratio, aligned)
