@@ -1,14 +1,18 @@
-"""The paper's Table 2 in miniature: a grid of ``ModelConfig`` variants, each trained and evaluated
-with several seeds, one JSON record per run.
+"""The paper's Table 2 reproduced in miniature: a grid of ``ModelConfig`` variants, each trained and
+evaluated with several seeds, one JSON record per run.
 
-Mask R-CNN's argument rests on its ablations (He et al. 2017, Table 2): RoIAlign against RoIPool at
-stride 16 (C4) and stride 32 (C5), and a per-class sigmoid mask loss against a softmax one. This
-module reruns their *direction* on the shapes data. Every variant changes one field of the same
-base config (``dataclasses.replace``); data, steps and seeds are shared.
+Mask R-CNN's argument rests on its ablations (He et al. 2017, Table 2): the mask loss (2b: per-class
+sigmoid, softmax, class-agnostic sigmoid), the RoI pooler at stride 16 (2c: RoIPool, RoIWarp,
+RoIAlign with max or average pooling of its samples) and at stride 32 (2d: RoIPool against
+RoIAlign, box and mask AP). Every variant changes one or two fields of the same base config
+(``presets.ablation_config``); data, schedule and seeds are shared, so the stride is the only
+thing that changes between 2c and 2d. Each run records a learning curve (box and mask AP at 25,
+50, 75 and 100 % of its steps), and one seed of each variant is also trained 1.5 times as long:
+a decaying learning rate flattens any curve, so only a longer run shows a plateau.
 
-Command line::
+Command line (``--device cuda`` and ``--jobs N`` run many small runs at once on one GPU)::
 
-    python -m course_lib.experiments ablations --out data/results/ablations.json [--quick]
+    python -m course_lib.experiments ablations --out data/results/ablations.json [--quick] [--jobs 2]
 
 The output file is rewritten atomically after every run, so a stopped grid resumes where it was:
 finished runs (status "ok" or "failed") are skipped on the next call. A run that raises is recorded
@@ -16,17 +20,18 @@ with status "failed" and its error, and the grid goes on. A file written with ot
 is refused rather than mixed.
 
 Object sizes: pycocotools' APs/APm/APl use COCO's fixed area ranges (32^2 and 96^2 px^2), made for
-COCO images of about 640 px. On 128 px images they put nearly every object in "small" and none in
-"large" (APl = -1). Each record therefore also carries ``APs``/``APm``/``APl`` with the ranges scaled
+COCO images of about 640 px. Each record also carries ``APs``/``APm``/``APl`` with the ranges scaled
 by (image_size / 640)^2 (``scaled_area_ranges``), under ``box_scaled`` and ``mask_scaled``.
 
-Public names: ``PAPER_TABLE2``, ``ablation_grid``, ``Settings``, ``train_variant``, ``run_one``,
-``run_grid``, ``scaled_area_ranges``, ``scaled_area_metrics``, ``summarize``,
-``load_records``, ``save_records``, ``main``.
+Public names: ``PAPER_TABLE2``, ``PAPER_ROW``, ``COCO_OBJECTS``, ``ablation_grid``, ``Settings``,
+``datasets``, ``train_variant``, ``run_one``, ``plan``, ``run_grid``, ``scaled_area_ranges``,
+``scaled_area_metrics``, ``summarize``, ``paired_gap``, ``plateau``, ``load_records``,
+``save_records``, ``main``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,33 +46,46 @@ import torch
 from tqdm.auto import tqdm
 
 from course_lib import data, evaluate, model, presets, train, utils
-from course_lib.config import TrainConfig
+from course_lib.config import SCHEDULES, TrainConfig
 
 SIZE_METRICS = ("APs", "APm", "APl")
 COCO_IMAGE_SIZE = 640     # px, the long side of a typical COCO image, where 32^2 / 96^2 were set
 
-# He et al. 2017, Table 2 (COCO minival, ResNet-50, mask AP / AP50 / AP75 in %): quoted, not measured.
+# He et al. 2017, Table 2 (COCO minival, ResNet-50, AP / AP50 / AP75 in %): quoted, not measured.
+# 2c's RoIWarp row is the one with average pooling of its bilinear samples, as ours.
 PAPER_TABLE2 = {
     "2b R-50-C4 softmax": {"mask": (24.8, 44.1, 25.1)},
     "2b R-50-C4 sigmoid": {"mask": (30.3, 51.2, 31.5)},
     "2b R-50-C4 class-agnostic sigmoid": {"mask": (29.7, None, None)},
     "2c R-50-C4 RoIPool": {"mask": (26.9, 48.8, 26.4)},
-    "2c R-50-C4 RoIWarp": {"mask": (27.2, 49.2, 27.1)},
-    "2c R-50-C4 RoIAlign": {"mask": (30.3, 51.2, 31.5)},
+    "2c R-50-C4 RoIWarp (ave)": {"mask": (27.1, 48.9, 27.1)},
+    "2c R-50-C4 RoIAlign (max)": {"mask": (30.2, 51.0, 31.8)},
+    "2c R-50-C4 RoIAlign (ave)": {"mask": (30.3, 51.2, 31.5)},
     "2d R-50-C5 RoIPool": {"mask": (23.6, 46.5, 21.6), "box": (28.2, 52.7, 26.9)},
     "2d R-50-C5 RoIAlign": {"mask": (30.9, 51.8, 32.1), "box": (34.0, 55.3, 36.4)},
 }
+# Our variant -> the paper's row it reproduces (s16-roi_align is both 2b's sigmoid and 2c's RoIAlign).
+PAPER_ROW = {"s16-softmax": "2b R-50-C4 softmax", "s16-roi_align": "2c R-50-C4 RoIAlign (ave)",
+             "s16-agnostic": "2b R-50-C4 class-agnostic sigmoid", "s16-roi_pool": "2c R-50-C4 RoIPool",
+             "s16-roi_warp": "2c R-50-C4 RoIWarp (ave)", "s16-roi_align_max": "2c R-50-C4 RoIAlign (max)",
+             "s32-roi_pool": "2d R-50-C5 RoIPool", "s32-roi_align": "2d R-50-C5 RoIAlign"}
+# COCO's objects (cocodataset.org, detection evaluation): 41 % small (area < 32^2 px), 34 % medium
+# (< 96^2), 24 % large, on images of about 640 x 480 that Mask R-CNN resizes to an 800 px short side.
+COCO_OBJECTS = {"small": 0.41, "medium": 0.34, "large": 0.24, "resize": 800 / 480}
 
 
 def ablation_grid() -> dict[str, dict]:
     """The variants of Table 2 (b, c, d): name -> the ``ModelConfig`` fields it changes."""
-    grid = {}
-    for stride in (16, 32):
-        grid[f"s{stride}-roi_pool"] = dict(stride=stride, pooler="roi_pool", aligned=False)
-        grid[f"s{stride}-roi_align-unaligned"] = dict(stride=stride, pooler="roi_align", aligned=False)
-        grid[f"s{stride}-roi_align"] = dict(stride=stride, pooler="roi_align", aligned=True)
-    grid["s16-roi_align-softmax"] = dict(stride=16, pooler="roi_align", aligned=True, mask_loss="softmax")
-    return grid
+    return {
+        "s16-roi_align": dict(stride=16),                              # 2b sigmoid = 2c RoIAlign (average)
+        "s16-softmax": dict(stride=16, mask_loss="softmax"),           # 2b
+        "s16-agnostic": dict(stride=16, mask_loss="sigmoid_agnostic"),  # 2b
+        "s16-roi_pool": dict(stride=16, pooler="roi_pool"),            # 2c
+        "s16-roi_warp": dict(stride=16, pooler="roi_warp"),            # 2c
+        "s16-roi_align_max": dict(stride=16, pooler="roi_align_max"),  # 2c
+        "s32-roi_pool": dict(stride=32, pooler="roi_pool"),            # 2d
+        "s32-roi_align": dict(stride=32),                              # 2d
+    }
 
 
 def load_records(path: Path) -> list[dict]:
@@ -93,24 +111,56 @@ def save_records(path: Path, records: list[dict], header: dict) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What every run of a grid shares: data, training schedule (its seed is each run's) and evaluation size."""
-    train: TrainConfig = TrainConfig(steps=400, batch_size=8, lr=0.02, schedule="cosine")
-    num_train: int = 2000
+    """What every run of a grid shares: data, schedule (its seed is each run's) and evaluation."""
+    train: TrainConfig = TrainConfig(steps=2000, batch_size=8, lr=0.06, warmup_steps=100)
+    num_train: int = 16000
     num_val: int = 300
-    image_size: int = 128      # px, the shapes images' side
+    image_size: int = 192      # px, the shapes images' side
+    min_size: float = 40       # px, object sizes: several cells at stride 32 (see chapter 08)
+    max_size: float = 128
     data_seed: int = 0         # the training images; validation uses data_seed + 1
-    small_model: bool = False  # presets.quick_config (narrower) instead of presets.cpu_config
+    preset: str = "ablation"   # the base config: presets.ablation_config, or "quick" (CI)
+    curve_points: int = 4      # evaluations along each run: at 25, 50, 75 and 100 % of its steps
+    plateau_factor: float = 1.5  # one seed of each variant also runs this many times as long
 
     @staticmethod
     def quick() -> "Settings":
-        return Settings(TrainConfig(steps=2, batch_size=2, warmup_steps=0), num_train=4, num_val=2, small_model=True)
+        return Settings(TrainConfig(steps=4, batch_size=2, warmup_steps=0), num_train=8, num_val=2,
+                        image_size=64, min_size=12, max_size=40, preset="quick", curve_points=2)
+
+
+def datasets(settings: Settings) -> tuple[data.ShapesDataset, data.ShapesDataset]:
+    """``(train_set, val_set)`` of the grid: shapes of ``min_size``..``max_size`` px, two seeds."""
+    sizes = dict(image_size=settings.image_size, min_size=settings.min_size, max_size=settings.max_size)
+    return (data.ShapesDataset(settings.num_train, seed=settings.data_seed, **sizes),
+            data.ShapesDataset(settings.num_val, seed=settings.data_seed + 1, image_id_offset=settings.num_train,
+                               **sizes))
+
+
+def _base(settings: Settings) -> model.ModelConfig:
+    return presets.quick_config() if settings.preset == "quick" else presets.ablation_config()
+
+
+def train_variant(changes: dict, seed: int, settings: Settings, steps_factor: float = 1.0,
+                  device: str | torch.device | None = None) -> tuple[model.MaskRCNN, dict, float]:
+    """Train one variant with one seed, as the grid does: ``(model in eval mode, train.fit's history,
+    seconds)``; the history's ``eval`` holds the learning curve on the validation set."""
+    steps = round(settings.train.steps * steps_factor)
+    config = dataclasses.replace(settings.train, steps=steps, seed=seed,
+                                 eval_every=max(1, steps // settings.curve_points))
+    utils.seed_everything(seed)  # the model's initial weights depend on the seed
+    net = model.MaskRCNN(dataclasses.replace(_base(settings), **changes))
+    train_set, val_set = datasets(settings)
+    tick = time.perf_counter()
+    history = train.fit(net, train_set, config, val_dataset=val_set, device=device, progress=False)
+    return net.eval(), history, time.perf_counter() - tick
 
 
 def scaled_area_ranges(image_size: int) -> dict[str, tuple[float, float]]:
     """COCO's area ranges (all, small < 32^2, medium < 96^2, large) scaled by (image_size / 640)^2.
 
-    An object that is "small" on a 640 px COCO image covers the same fraction of a 128 px image
-    when its area is 25 times smaller: on 128 px, small < 6.4^2 = 41 px^2, medium < 19.2^2 = 369 px^2.
+    An object that is "small" on a 640 px COCO image covers the same fraction of a 192 px image
+    when its area is (640 / 192)^2 = 11 times smaller: small < 9.6^2 px^2, medium < 28.8^2 px^2.
     """
     scale = (image_size / COCO_IMAGE_SIZE) ** 2
     return {"all": (0.0, 1e10), "small": (0.0, 32 ** 2 * scale),
@@ -126,63 +176,70 @@ def scaled_area_metrics(coco_gt: dict, results: list[dict], iou_type: str, image
     return {name: metrics[name] for name in SIZE_METRICS}
 
 
-def _evaluate(net, val_set, settings: Settings) -> dict:
+def _metrics(net: model.MaskRCNN, val_set, settings: Settings, kinds=("box", "mask")) -> dict:
     """Box and mask metrics of ``net`` on ``val_set``: COCO's fixed ranges and the scaled ones."""
     detections = evaluate.predict(net, val_set, batch_size=settings.train.batch_size)
-    coco_gt = data.to_coco(val_set)
-    out = {}
+    coco_gt, out = data.to_coco(val_set), {}
     for kind, iou_type, results in zip(("box", "mask"), ("bbox", "segm"), evaluate.coco_results(detections)):
-        if kind == "mask" and not net.config.with_mask:
-            out[kind] = out[f"{kind}_scaled"] = None
-            continue
-        out[kind] = evaluate.coco_metrics(coco_gt, results, iou_type)
-        out[f"{kind}_scaled"] = scaled_area_metrics(coco_gt, results, iou_type, settings.image_size)
+        if kind in kinds:
+            out[kind] = evaluate.coco_metrics(coco_gt, results, iou_type)
+            out[f"{kind}_scaled"] = scaled_area_metrics(coco_gt, results, iou_type, settings.image_size)
     return out
 
 
-def train_variant(changes: dict, seed: int, settings: Settings, base: model.ModelConfig | None = None
-                  ) -> tuple[model.MaskRCNN, dict, float]:
-    """Train one variant with one seed, as the grid does: ``(model in eval mode, train.fit's history, seconds)``."""
-    preset = presets.quick_config if settings.small_model else presets.cpu_config
-    config = dataclasses.replace(base or preset(), **changes)
-    utils.seed_everything(seed)  # the model's initial weights depend on the seed
-    train_set = data.ShapesDataset(settings.num_train, settings.image_size, seed=settings.data_seed)
-    net = model.MaskRCNN(config)
-    tick = time.perf_counter()
-    history = train.fit(net, train_set, dataclasses.replace(settings.train, seed=seed), progress=False)
-    return net.eval(), history, time.perf_counter() - tick
+def _evaluate(net: model.MaskRCNN, val_set, settings: Settings) -> dict:
+    """``_metrics``, and for a softmax mask head also its masks by FCN's argmax rule (``mask_argmax``)."""
+    out = _metrics(net, val_set, settings)
+    if net.config.mask_loss == "softmax":
+        twin = model.MaskRCNN(dataclasses.replace(net.config, softmax_mask_rule="argmax"))
+        twin.load_state_dict(net.state_dict())
+        argmax = _metrics(twin.to(next(net.parameters()).device).eval(), val_set, settings, kinds=("mask",))
+        out.update(mask_argmax=argmax["mask"], mask_argmax_scaled=argmax["mask_scaled"])
+    return out
 
 
-def run_one(changes: dict, seed: int, settings: Settings, base: model.ModelConfig | None = None) -> dict:
-    """Train one variant with one seed and evaluate it; returns config, metrics and wall times."""
-    net, history, wall = train_variant(changes, seed, settings, base)
+def run_one(changes: dict, seed: int, settings: Settings, steps_factor: float = 1.0,
+            device: str | torch.device | None = None) -> dict:
+    """Train one variant with one seed and evaluate it: config, curve, final metrics, wall times."""
+    net, history, wall = train_variant(changes, seed, settings, steps_factor, device)
     tick = time.perf_counter()
-    val_set = data.ShapesDataset(settings.num_val, settings.image_size, seed=settings.data_seed + 1)
-    metrics = _evaluate(net, val_set, settings)
-    final_loss = sum(h["loss"] for h in history["train"][-20:]) / len(history["train"][-20:])
+    metrics = _evaluate(net, datasets(settings)[1], settings)
+    last = history["train"][-20:]
+    curve = [{"step": e["step"], "box_AP": e["bbox"]["AP"], "box_AP50": e["bbox"]["AP50"],
+              **({f"mask_{m}": e["segm"][m] for m in ("AP", "AP50", "AP75")} if "segm" in e else {})}
+             for e in history["eval"]]
     return {"config": dataclasses.asdict(net.config), "wall_time_s": round(wall, 1),
-            "eval_time_s": round(time.perf_counter() - tick, 1),
-            "final_loss": round(final_loss, 4), **metrics}
+            "eval_time_s": round(time.perf_counter() - tick, 1), "curve": curve,
+            "final_loss": round(sum(h["loss"] for h in last) / len(last), 4), **metrics}
 
 
-def _run_record(name: str, changes: dict, seed: int, settings: Settings, base, threads: int | None) -> dict:
+def _run_record(name: str, changes: dict, seed: int, factor: float, settings: Settings, threads: int | None,
+                device: str | None) -> dict:
     """One grid cell as a record; a run that raises is recorded as failed (the grid goes on)."""
     if threads is not None:
         torch.set_num_threads(threads)
-    record = {"variant": name, "changes": changes, "seed": seed, "steps": settings.train.steps, "machine": utils.machine_info()}
+    record = {"variant": name, "changes": changes, "seed": seed, "steps_factor": factor,
+              "steps": round(settings.train.steps * factor), "machine": utils.machine_info()}
     try:
-        record.update(status="ok", **run_one(changes, seed, settings, base))
+        record.update(status="ok", **run_one(changes, seed, settings, factor, device))
     except Exception as err:  # a broken variant must not cost the others
         record.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=5))
     return record
 
 
-def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0, 1, 2),
-             settings: Settings = Settings(), command: str = "", progress: bool = True,
-             base: model.ModelConfig | None = None, jobs: int = 1, threads: int | None = None) -> list[dict]:
-    """Run every (variant, seed) of ``grid`` not already in ``out``; return all records.
+def plan(grid: dict[str, dict], seeds: tuple[int, ...], plateau_seeds: tuple[int, ...] = (0,),
+         settings: Settings = Settings()) -> list[tuple[str, int, float]]:
+    """The grid's runs ``(variant, seed, steps_factor)``, seed-major (a grid stopped early has every
+    variant at the same seeds), then the longer runs that test the plateau."""
+    runs = [(name, seed, 1.0) for seed in seeds for name in grid]
+    return runs + [(name, seed, settings.plateau_factor) for seed in plateau_seeds for name in grid]
 
-    Each record: variant, changes, seed, steps, status ("ok" or "failed"), machine, metrics.
+
+def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0, 1, 2),
+             settings: Settings = Settings(), command: str = "", progress: bool = True, jobs: int = 1,
+             threads: int | None = None, plateau_seeds: tuple[int, ...] = (0,), device: str | None = None) -> list[dict]:
+    """Run every ``plan`` entry not already in ``out``; return all records.
+
     ``jobs`` > 1 runs that many cells at once in worker processes with ``threads`` torch threads each
     (on a 2-core CPU, 2 jobs x 1 thread finish a grid sooner than 1 job x 2 threads). The file is
     rewritten after every finished run, in any order, so a stopped grid resumes without redoing them.
@@ -191,55 +248,69 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
     out = Path(out)
     previous = _load(out)
     records = previous.get("runs", [])
-    if records and previous.get("settings") != dataclasses.asdict(settings):
+    if records and previous.get("settings") != json.loads(json.dumps(dataclasses.asdict(settings))):
         raise ValueError(f"{out} holds runs with settings={previous.get('settings')}, not "
                          f"{dataclasses.asdict(settings)}; use another --out to change settings")
-    done = {(r["variant"], r["seed"]) for r in records}
-    # seed-major order: a grid stopped early still has every variant at the same seeds
-    todo = [(name, seed) for seed in seeds for name in grid if (name, seed) not in done]
+    done = {(r["variant"], r["seed"], r.get("steps_factor", 1.0)) for r in records}
+    todo = [run for run in plan(grid, seeds, plateau_seeds, settings) if run not in done]
     header = {"command": command or previous.get("command", ""), "settings": dataclasses.asdict(settings),
-              "area_ranges_scaled": scaled_area_ranges(settings.image_size)}
-    bar = tqdm(total=len(todo), desc="grid", disable=not progress)
-    if jobs <= 1:
-        for name, seed in todo:
-            records.append(_run_record(name, grid[name], seed, settings, base, threads))
+              "area_ranges_scaled": scaled_area_ranges(settings.image_size), "machine": utils.machine_info()}
+    args = [(name, grid[name], seed, factor, settings, threads, device) for name, seed, factor in todo]
+    parallel = jobs > 1 and len(args) > 1
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if parallel \
+            else contextlib.nullcontext() as pool, tqdm(total=len(todo), desc="grid", disable=not progress) as bar:
+        if parallel:
+            results = (future.result() for future in as_completed([pool.submit(_run_record, *a) for a in args]))
+        else:
+            results = (_run_record(*a) for a in args)
+        for record in results:
+            records.append(record)
             save_records(out, records, header)
             bar.update()
-    else:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_record, name, grid[name], seed, settings, base, threads)
-                       for name, seed in todo]
-            for future in as_completed(futures):
-                records.append(future.result())
-                save_records(out, records, header)
-                bar.update()
-    bar.close()
     return records
 
 
-def summarize(records: list[dict], key: str = "mask") -> dict[str, dict[str, tuple[float, float, int]]]:
-    """Mean and sample standard deviation over seeds: variant -> metric -> (mean, std, n).
+def summarize(records: list[dict], key: str = "mask", steps_factor: float = 1.0
+              ) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """Mean and standard error over seeds: variant -> metric -> (mean, s.e., n).
 
-    Only runs with status "ok" count; a metric pycocotools marks not applicable (-1) is left out,
-    so ``n`` can differ between metrics. ``key``: "box", "mask", "box_scaled" or "mask_scaled".
-    With one seed the std is 0.
+    Only runs with status "ok" and the given ``steps_factor`` count; a metric pycocotools marks not
+    applicable (-1) is left out, so ``n`` can differ between metrics. ``key``: "box", "mask",
+    "box_scaled", "mask_scaled", "mask_argmax". With one seed the s.e. is 0.
     """
     values: dict[str, dict[str, list[float]]] = {}
     for record in records:
-        if record.get("status") != "ok" or not record.get(key):
+        if record.get("status") != "ok" or not record.get(key) or record.get("steps_factor", 1.0) != steps_factor:
             continue
         per_variant = values.setdefault(record["variant"], {})
         for metric, value in record[key].items():
             if value >= 0:
                 per_variant.setdefault(metric, []).append(value)
-    summary = {}
-    for variant, metrics in values.items():
-        summary[variant] = {}
-        for metric, xs in metrics.items():
-            mean = sum(xs) / len(xs)
-            var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
-            summary[variant][metric] = (mean, math.sqrt(var), len(xs))
-    return summary
+    return {variant: {metric: _mean_se(xs) for metric, xs in metrics.items()} for variant, metrics in values.items()}
+
+
+def _mean_se(xs: list[float]) -> tuple[float, float, int]:
+    mean = sum(xs) / len(xs)
+    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+    return mean, math.sqrt(var / len(xs)), len(xs)
+
+
+def paired_gap(records: list[dict], a: str, b: str, key: str = "mask", metric: str = "AP",
+               key_b: str | None = None) -> tuple[float, float, int]:
+    """``a - b`` seed by seed (same seed, same data order): mean, standard error and number of pairs."""
+    by = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("steps_factor", 1.0) == 1.0 and r["variant"] in (a, b):
+            by.setdefault(r["seed"], {})[r["variant"]] = r
+    diffs = [p[a][key][metric] - p[b][key_b or key][metric] for p in by.values() if a in p and b in p]
+    return _mean_se(diffs) if diffs else (float("nan"), float("nan"), 0)
+
+
+def plateau(records: list[dict], key: str = "mask", metric: str = "AP") -> dict[str, tuple[float, float, int]]:
+    """variant -> (final metric of the run, of the same seed's longer run, seed): the plateau test."""
+    runs = {(r["variant"], r["seed"], r.get("steps_factor", 1.0)): r for r in records if r.get("status") == "ok"}
+    longer = [(v, s, f) for v, s, f in runs if f != 1.0 and (v, s, 1.0) in runs]
+    return {v: (runs[(v, s, 1.0)][key][metric], runs[(v, s, f)][key][metric], s) for v, s, f in longer}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -248,33 +319,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="results JSON (resumed when it exists)")
     parser.add_argument("--quick", action="store_true", help="tiny runs, to check the machinery")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
+    parser.add_argument("--plateau-seeds", type=int, default=1, help="seeds also run 1.5x as long (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step")
     parser.add_argument("--num-val", type=int, default=None, help="validation images")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    parser.add_argument("--schedule", choices=train.SCHEDULES, default=None, help="learning-rate decay")
-    parser.add_argument("--small-model", action="store_true", help="model.quick_config instead of cpu_config")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate decay")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (1 is fastest on a busy CPU)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
+    parser.add_argument("--device", choices=utils.DEVICES, default=None, help="where to train (default: the CPU)")
     parser.add_argument("--variants", nargs="*", default=None, help="only these variants")
     args = parser.parse_args(argv)
+    for flag in ("seeds", "steps", "num_val", "jobs"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')}={getattr(args, flag)}; expected an int >= 1")
     settings = Settings.quick() if args.quick else Settings()
-    fit_flags = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule}
+    fit_flags = {"steps": args.steps, "lr": args.lr, "schedule": args.schedule}
     settings = dataclasses.replace(settings, train=dataclasses.replace(
         settings.train, **{k: v for k, v in fit_flags.items() if v is not None}))
-    for field, value in (("num_val", args.num_val), ("small_model", args.small_model or None)):
-        if value is not None:
-            settings = dataclasses.replace(settings, **{field: value})
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.num_val is not None:
+        settings = dataclasses.replace(settings, num_val=args.num_val)
     grid = ablation_grid()
     if args.variants:
         unknown = sorted(set(args.variants) - set(grid))
         if unknown:
             parser.error(f"unknown variants {unknown}; choose from {sorted(grid)}")
         grid = {name: grid[name] for name in args.variants}
+    device = None if args.device is None else str(utils.device(args.device, verbose=False))
     command = "python -m course_lib.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
-    records = run_grid(grid, args.out, tuple(range(args.seeds)), settings, command, jobs=args.jobs, threads=args.threads)
+    records = run_grid(grid, args.out, tuple(range(args.seeds)), settings, command, jobs=args.jobs,
+                       threads=args.threads, plateau_seeds=tuple(range(args.plateau_seeds)), device=device)
     failed = [r for r in records if r["status"] == "failed"]
     print(f"{len(records)} runs in {args.out}, {len(failed)} failed")
 

@@ -6,14 +6,17 @@ the chapters train ``cpu_config()``, which changes the fields in ``CPU_RECIPE``,
 reason. ``quick_config()`` shrinks it further for CI. The command line's runs (``RunConfig``)
 come from ``PRESETS``: ``quick`` (CI, seconds), ``cpu`` (a laptop, minutes), ``gpu`` (chapter 10).
 
-Public names: ``CPU_RECIPE``, ``cpu_config``, ``quick_config``, ``gpu_config``, ``cpu_training``,
+Public names: ``CPU_RECIPE``, ``cpu_config``, ``quick_config``, ``ablation_config``, ``gpu_config``, ``cpu_training``,
 ``refiner_training``, ``quick_run``, ``cpu_run``, ``gpu_run``, ``PRESETS``.
 """
 from __future__ import annotations
 
 import dataclasses
 
+from course_lib import utils
 from course_lib.config import ModelConfig, RunConfig, TrainConfig
+
+GPU_PROOF_STEPS = 1500  # see gpu_proof_run
 
 # The CPU recipe: where it departs from ModelConfig's defaults (the paper's ResNet-C4 design scaled
 # to 128 px), and why. Each change was measured on 500 held-out shapes images (notes in chapter 05).
@@ -45,18 +48,37 @@ def quick_config(**changes) -> ModelConfig:
     return cpu_config(**{**small, **changes})
 
 
-def gpu_config(**changes) -> ModelConfig:
-    """ResNet-50-FPN from scratch with the paper's head sizes, for 512 px images (chapter 10).
+def gpu_config(image_size: int = 512, **changes) -> ModelConfig:
+    """ResNet-50-FPN from scratch with the paper's head sizes, for ``image_size`` px images (chapter 10).
 
-    FPN 256 channels, 1024-d box head, 256-channel mask convs, 512 RoIs per image; anchors
-    32..512 px on P2..P6 and the FPN level mapping scaled from 224 px at 800 px images to 144 px
-    at 512 px.
+    FPN 256 channels, 1024-d box head, 256-channel mask convs, 512 RoIs per image; at 512 px,
+    anchors 32..512 px on P2..P6 and the FPN level mapping's 224 px (at 800 px images) taken to 144 px.
+    Both scale with ``image_size``, as the shapes do (``data.ShapesDataset``), so a smaller image
+    keeps the same objects per anchor and per level. The backbone starts each residual block at
+    the identity (``backbone.BottleneckResNet``) and the heads' last layers near zero, so every
+    first loss is its chance value (tests/test_gpu_preset.py).
     """
+    scale = image_size / 512
     gpu = dict(backbone="resnet50", fpn=True, fpn_channels=256, representation_size=1024,
-               mask_conv_channels=256, anchor_sizes=(32, 64, 128, 256, 512), canonical_size=144,
-               rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000,
-               rpn_post_nms_top_n_test=1000, box_batch_size_per_image=512)
+               mask_conv_channels=256, anchor_sizes=tuple(round(s * scale) for s in (32, 64, 128, 256, 512)),
+               canonical_size=round(144 * scale), rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=2000,
+               rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000, box_batch_size_per_image=512)
     return dataclasses.replace(ModelConfig(), **{**gpu, **changes})
+
+
+# The CPU proof of the GPU recipe: what changes from gpu_config, all sizes; the topology (bottleneck
+# stages 3-4-6-3, FPN P2-P6, 2-fc box head, 4-conv mask head), the losses and the schedule's shape stay.
+GPU_PROOF_SIZES = dict(
+    backbone="bottleneck", width=16,  # ResNet-50's blocks at a quarter of its width (C2..C5: 64..512 channels)
+    fpn_channels=64, representation_size=256, mask_conv_channels=64,  # paper: 256, 1024, 256
+    rpn_pre_nms_top_n_train=500, rpn_post_nms_top_n_train=300,  # a 128 px image holds at most 4 objects
+    rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100, box_batch_size_per_image=128,
+)
+
+
+def gpu_proof_config(**changes) -> ModelConfig:
+    """``gpu_config`` at 128 px with ``GPU_PROOF_SIZES``: the GPU model's topology, sized for 2 CPU cores."""
+    return gpu_config(128, **{**GPU_PROOF_SIZES, **changes})
 
 
 def cpu_training(steps: int, **changes) -> TrainConfig:
@@ -82,17 +104,32 @@ def quick_run() -> RunConfig:
 
 
 def cpu_run() -> RunConfig:
-    """A learner's laptop: chapter 06's model and schedule on 128 px shapes, about 8 minutes on 2 cores."""
-    train = cpu_training(2400, eval_every=600, checkpoint_every=200, workers=1)
+    """A learner's laptop: chapter 06's model and schedule on 128 px shapes, about 8 minutes on 2 cores.
+    DataLoader workers from the cores (``utils.workers_and_threads``): none on 2 cores."""
+    train = cpu_training(2400, eval_every=600, checkpoint_every=200, workers=utils.workers_and_threads()[0])
     return RunConfig("cpu", cpu_config(), train, image_size=128, train_images=19200, val_images=100)
 
 
 def gpu_run() -> RunConfig:
-    """The real run: ``gpu_config()`` on 512 px shapes, mixed precision, ``channels_last``, 8 workers."""
+    """The real run: ``gpu_config()`` on 512 px shapes, mixed precision, ``channels_last``, and half
+    the cores (at most 8) as DataLoader workers. Batch 8 at lr 0.02 with a 500-step linear warm-up
+    (Goyal et al. 2017) and a one-cycle decay over 6000 steps."""
     train = TrainConfig(steps=6000, batch_size=8, lr=0.02, warmup_steps=500, eval_every=1000,
-                        checkpoint_every=500, workers=8, amp=True, channels_last=True)
+                        checkpoint_every=500, workers=utils.workers_and_threads(gpu=True)[0], amp=True,
+                        channels_last=True)
     return RunConfig("gpu", gpu_config(), train, image_size=512, train_images=20000, val_images=500,
                      device="cuda")
 
 
-PRESETS = {"quick": quick_run, "cpu": cpu_run, "gpu": gpu_run}
+def gpu_proof_run(steps: int = GPU_PROOF_STEPS) -> RunConfig:
+    """The CPU proof that the GPU recipe learns: ``gpu_proof_config()`` on 128 px shapes in fp32 (a
+    CPU has no fast 16-bit convolutions), ``gpu_run``'s schedule shape (warm-up 1/12 of the steps,
+    one-cycle decay) at the CPU recipe's lr, evaluated on 200 held-out images. Not the GPU result:
+    a check, on any machine, that the recipe's model starts sane and learns."""
+    train = TrainConfig(steps=steps, batch_size=8, lr=0.06, warmup_steps=steps // 12, eval_every=max(1, steps // 4),
+                        checkpoint_every=max(1, steps // 4), workers=utils.workers_and_threads()[0])
+    return RunConfig("gpu_proof", gpu_proof_config(), train, image_size=128, train_images=8 * steps,
+                     val_images=200, device="cpu")
+
+
+PRESETS = {"quick": quick_run, "cpu": cpu_run, "gpu": gpu_run, "gpu_proof": gpu_proof_run}

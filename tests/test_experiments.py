@@ -5,57 +5,66 @@ import json
 import pytest
 import torch
 
-from course_lib import data, evaluate, experiments, model, presets
-from course_lib.config import TrainConfig
+from course_lib import data, evaluate, experiments
 
-TINY = experiments.Settings(TrainConfig(steps=2, batch_size=2, warmup_steps=0), num_train=4, num_val=2)
+TINY = experiments.Settings.quick()
 
 
 def test_grid_has_the_papers_rows():
     grid = experiments.ablation_grid()
     assert {g["stride"] for g in grid.values()} == {16, 32}
-    assert {(g["pooler"], g["aligned"]) for g in grid.values()} == {
-        ("roi_pool", False), ("roi_align", False), ("roi_align", True)}
-    assert [g.get("mask_loss", "sigmoid") for g in grid.values()].count("softmax") == 1
+    s16 = {(g.get("pooler", "roi_align"), g.get("mask_loss", "sigmoid")) for g in grid.values() if g["stride"] == 16}
+    assert s16 == {("roi_align", "sigmoid"), ("roi_align", "softmax"), ("roi_align", "sigmoid_agnostic"),
+                   ("roi_pool", "sigmoid"), ("roi_warp", "sigmoid"), ("roi_align_max", "sigmoid")}
+    assert {g.get("pooler", "roi_align") for g in grid.values() if g["stride"] == 32} == {"roi_pool", "roi_align"}
+    assert set(experiments.PAPER_ROW) == set(grid) and set(experiments.PAPER_ROW.values()) <= set(experiments.PAPER_TABLE2)
 
 
-def test_records_resume_and_failure(tmp_path, monkeypatch):
+def test_plan_runs_every_seed_then_the_longer_plateau_runs():
+    runs = experiments.plan({"a": {}, "b": {}}, seeds=(0, 1), plateau_seeds=(0,))
+    assert runs == [("a", 0, 1.0), ("b", 0, 1.0), ("a", 1, 1.0), ("b", 1, 1.0), ("a", 0, 1.5), ("b", 0, 1.5)]
+
+
+def test_records_curves_resume_and_failure(tmp_path, monkeypatch):
     out = tmp_path / "results.json"
-    grid = {"align": {"pooler": "roi_align"}, "broken": {"pooler": "no_such_pooler"}}
-    records = experiments.run_grid(grid, out, seeds=(0,), settings=TINY, command="test",
-                                   progress=False, base=presets.quick_config())
+    grid = {"align": {"pooler": "roi_align"}, "soft": {"mask_loss": "softmax"}, "broken": {"pooler": "no_such_pooler"}}
+    records = experiments.run_grid(grid, out, seeds=(0,), settings=TINY, command="test", progress=False,
+                                   plateau_seeds=())
     by_name = {r["variant"]: r for r in records}
-    assert by_name["align"]["status"] == "ok"
-    assert set(by_name["align"]["box"]) == set(evaluate.METRICS)
-    assert set(by_name["align"]["mask"]) == set(evaluate.METRICS)
-    assert set(by_name["align"]["mask_scaled"]) == {"APs", "APm", "APl"} == set(by_name["align"]["box_scaled"])
-    assert by_name["align"]["config"]["pooler"] == "roi_align" and by_name["align"]["steps"] == 2
-    assert {"cpu", "gpu", "torch"} <= set(by_name["align"]["machine"])
+    align = by_name["align"]
+    assert align["status"] == "ok" and align["steps"] == 4 and align["steps_factor"] == 1.0
+    assert set(align["box"]) == set(evaluate.METRICS) == set(align["mask"])
+    assert set(align["mask_scaled"]) == {"APs", "APm", "APl"} == set(align["box_scaled"])
+    assert [c["step"] for c in align["curve"]] == [2, 4]                  # curve_points=2 in quick settings
+    assert {"box_AP", "box_AP50", "mask_AP", "mask_AP50", "mask_AP75"} <= set(align["curve"][0])
+    assert align["curve"][-1]["mask_AP"] == align["mask"]["AP"]          # the last point is the final metric
+    assert align["config"]["pooler"] == "roi_align" and {"cpu", "gpu", "torch"} <= set(align["machine"])
+    assert "mask_argmax" in by_name["soft"] and "mask_argmax" not in align  # both decision rules for softmax
     assert by_name["broken"]["status"] == "failed" and "no_such_pooler" in by_name["broken"]["error"]
     saved = json.loads(out.read_text())
-    assert saved["command"] == "test" and len(saved["runs"]) == 2
-    assert saved["settings"] == dataclasses.asdict(TINY) and saved["area_ranges_scaled"]["small"][1] > 0
+    assert saved["command"] == "test" and len(saved["runs"]) == 3 and "machine" in saved
+    assert saved["settings"] == json.loads(json.dumps(dataclasses.asdict(TINY)))
 
     # A second call finds every run done: it must train nothing and keep the file as it was.
     def must_not_train(*args, **kwargs):
         raise AssertionError("resume re-ran a finished run")
     monkeypatch.setattr(experiments, "run_one", must_not_train)
     before = out.read_text()
-    again = experiments.run_grid(grid, out, seeds=(0,), settings=TINY, progress=False)
+    again = experiments.run_grid(grid, out, seeds=(0,), settings=TINY, progress=False, plateau_seeds=())
     assert [(r["variant"], r["seed"], r["status"]) for r in again] == [
         (r["variant"], r["seed"], r["status"]) for r in records]
     assert out.read_text() == before
 
 
-def test_resume_runs_only_missing_seeds(tmp_path, monkeypatch):
+def test_resume_runs_only_missing_seeds_and_plateau_runs(tmp_path, monkeypatch):
     out = tmp_path / "results.json"
     calls = []
-    monkeypatch.setattr(experiments, "run_one",
-                        lambda changes, seed, settings, base=None: calls.append(seed) or {"box": {}, "mask": None})
-    experiments.run_grid({"v": {}}, out, seeds=(0,), settings=TINY, progress=False)
-    experiments.run_grid({"v": {}}, out, seeds=(0, 1, 2), settings=TINY, progress=False)
-    assert calls == [0, 1, 2]
-    assert [r["seed"] for r in json.loads(out.read_text())["runs"]] == [0, 1, 2]
+    monkeypatch.setattr(experiments, "run_one", lambda changes, seed, settings, factor=1.0, device=None:
+                        calls.append((seed, factor)) or {"box": {}, "mask": None})
+    experiments.run_grid({"v": {}}, out, seeds=(0,), settings=TINY, progress=False, plateau_seeds=())
+    experiments.run_grid({"v": {}}, out, seeds=(0, 1, 2), settings=TINY, progress=False, plateau_seeds=(0,))
+    assert calls == [(0, 1.0), (1, 1.0), (2, 1.0), (0, 1.5)]
+    assert [(r["seed"], r["steps"]) for r in json.loads(out.read_text())["runs"]] == [(0, 4), (1, 4), (2, 4), (0, 6)]
 
 
 def test_not_a_results_file(tmp_path):
@@ -90,6 +99,7 @@ def test_scaled_ranges_at_640_equal_pycocotools():
 def test_scaled_ranges_at_128():
     ranges = experiments.scaled_area_ranges(128)
     assert ranges["small"][1] == pytest.approx(6.4 ** 2) and ranges["medium"][1] == pytest.approx(19.2 ** 2)
+    assert experiments.scaled_area_ranges(192)["small"][1] == pytest.approx(9.6 ** 2)
     coco_gt = data.to_coco(data.ShapesDataset(12, seed=3))
     areas = [a["area"] for a in coco_gt["annotations"] if not a.get("iscrowd", 0)]
     perfect = _perturbed_results(coco_gt, jitter=0.0)
@@ -101,22 +111,34 @@ def test_scaled_ranges_at_128():
     assert experiments.scaled_area_metrics(coco_gt, [], "bbox", 128) == {"APs": 0.0, "APm": 0.0, "APl": 0.0}
 
 
-def test_summarize_mean_std_and_not_applicable():
+def test_summarize_mean_standard_error_and_not_applicable():
     runs = [{"variant": "a", "status": "ok", "mask": {"AP": 0.1, "APl": -1.0}},
             {"variant": "a", "status": "ok", "mask": {"AP": 0.3, "APl": 0.5}},
+            {"variant": "a", "status": "ok", "steps_factor": 1.5, "mask": {"AP": 0.9}},   # a plateau run
             {"variant": "a", "status": "failed"},
             {"variant": "b", "status": "ok", "mask": {"AP": 0.2}}]
     summary = experiments.summarize(runs, "mask")
-    mean, std, n = summary["a"]["AP"]
-    assert (round(mean, 6), round(std, 6), n) == (0.2, round(0.1 * 2 ** 0.5, 6), 2)   # sample std
+    mean, se, n = summary["a"]["AP"]
+    assert (round(mean, 6), round(se, 6), n) == (0.2, 0.1, 2)   # sample std 0.1 * sqrt(2), over sqrt(2)
     assert summary["a"]["APl"] == (0.5, 0.0, 1) and summary["b"]["AP"] == (0.2, 0.0, 1)
+    assert experiments.summarize(runs, "mask", steps_factor=1.5)["a"]["AP"] == (0.9, 0.0, 1)
+
+
+def test_paired_gap_and_plateau_by_hand():
+    def run(variant, seed, ap, factor=1.0):
+        return {"variant": variant, "seed": seed, "status": "ok", "steps_factor": factor, "mask": {"AP": ap}}
+    runs = [run("a", 0, 0.30), run("a", 1, 0.34), run("b", 0, 0.20), run("b", 1, 0.28), run("b", 2, 0.9),
+            run("a", 0, 0.31, 1.5)]
+    mean, se, n = experiments.paired_gap(runs, "a", "b")      # seed 2 has no pair: differences 0.10, 0.06
+    assert (round(mean, 6), round(se, 6), n) == (0.08, 0.02, 2)
+    assert experiments.plateau(runs) == {"a": (0.30, 0.31, 0)}
 
 
 def test_other_settings_refused(tmp_path, monkeypatch):
     out = tmp_path / "results.json"
     monkeypatch.setattr(experiments, "run_one",
-                        lambda changes, seed, settings, base=None: {"box": {}, "mask": None})
-    experiments.run_grid({"v": {}}, out, seeds=(0,), settings=TINY, progress=False)
+                        lambda changes, seed, settings, factor=1.0, device=None: {"box": {}, "mask": None})
+    experiments.run_grid({"v": {}}, out, seeds=(0,), settings=TINY, progress=False, plateau_seeds=())
     longer = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, steps=TINY.train.steps + 1))
     with pytest.raises(ValueError, match="settings"):
         experiments.run_grid({"v": {}}, out, seeds=(0, 1), settings=longer, progress=False)
@@ -127,16 +149,16 @@ def test_parallel_jobs_give_the_same_records(tmp_path):
     threads = torch.get_num_threads()
     try:
         serial = experiments.run_grid(grid, tmp_path / "serial.json", seeds=(0,), settings=TINY, progress=False,
-                                      base=presets.quick_config(), threads=1)
+                                      threads=1, plateau_seeds=())
     finally:
         torch.set_num_threads(threads)
     parallel = experiments.run_grid(grid, tmp_path / "parallel.json", seeds=(0,), settings=TINY, progress=False,
-                                    base=presets.quick_config(), jobs=2, threads=1)
+                                    jobs=2, threads=1, plateau_seeds=())
     assert sorted(r["variant"] for r in parallel) == ["align", "pool"]
     by_name = {r["variant"]: r for r in parallel}
     for record in serial:
         twin = by_name[record["variant"]]
         assert twin["status"] == "ok" and twin["machine"]["threads"] == 1
         assert twin["final_loss"] == record["final_loss"]
-        assert twin["box"] == record["box"] and twin["mask"] == record["mask"]
+        assert twin["box"] == record["box"] and twin["mask"] == record["mask"] and twin["curve"] == record["curve"]
     assert len(json.loads((tmp_path / "parallel.json").read_text())["runs"]) == 2
