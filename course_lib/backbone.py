@@ -1,7 +1,8 @@
 """Backbones: the convolutional trunk that turns an image into feature maps (Mask R-CNN §3, "backbone").
 
-Public names: ``TinyResNet`` (from scratch, sized for a 2-core CPU), ``ResNet50Backbone``
-(torchvision's ResNet-50 with random weights, for the GPU chapter), ``ResidualBlock``, ``make_norm``.
+Public names: ``TinyResNet`` (from scratch, sized for a 2-core CPU), ``BottleneckResNet`` (ResNet-50
+for the GPU chapter, or the same topology narrowed for a CPU), ``ResidualBlock``, ``Bottleneck``,
+``make_norm``, ``RESNET50_BLOCKS``.
 
 Both follow one contract, so ``course_lib.model`` picks one with a plain ``if``:
 
@@ -19,7 +20,6 @@ cells by ``spatial_scale = 1 / s``: the number chapter 04's RoIPool quantizes an
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from course_lib.config import ModelConfig
@@ -27,6 +27,7 @@ from course_lib.config import ModelConfig
 # Residual blocks per stage (C2..C5). ResNet-18 uses (2, 2, 2, 2); one block per stage keeps a
 # training step on 2 CPU cores well under a second and is plenty for the synthetic shapes.
 TINY_BLOCKS = (1, 1, 1, 1)
+RESNET50_BLOCKS = (3, 4, 6, 3)  # bottleneck blocks per stage of ResNet-50 (He et al. 2016, Table 1)
 STAGE_STRIDES = (4, 8, 16, 32)  # C2..C5: the stem divides by 4, each later stage by 2 more
 
 
@@ -133,32 +134,86 @@ def _init_weights(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, ResidualBlock):
             nn.init.zeros_(m.norm2.weight)
+        elif isinstance(m, Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
 
 
-class ResNet50Backbone(nn.Module):
-    """torchvision's ResNet-50 (bottleneck blocks, 3-4-6-3) as a backbone, random weights.
+class Bottleneck(nn.Module):
+    """ResNet-50's bottleneck block (He et al. 2016, §4.1 "Deeper Bottleneck Architectures"): a 1x1
+    conv down to ``inner`` channels, a 3x3 conv (strided here, as torchvision's "ResNet v1.5"), a 1x1
+    conv up to ``EXPANSION * inner``, then ``relu(x + F(x))``; the shortcut is a strided 1x1 conv +
+    norm when the shape changes. Layer names are torchvision's (``conv1``..``bn3``, ``downsample``),
+    so its ResNet-50 weights load into ``BottleneckResNet`` unchanged (tests/test_backbone.py).
 
-    Weights are never downloaded (the course runs offline): chapter 10 trains it from scratch on
-    a GPU. Outputs C2..C5 with 256, 512, 1024, 2048 channels at strides 4, 8, 16, 32, stopping at
-    C4 for ``config.stride == 16`` without FPN (the paper's ResNet-50-C4). ``config.norm == "gn"``
-    swaps every BatchNorm for GroupNorm(32).
+    Why a bottleneck: the 3x3 conv runs at a quarter of the block's width, so a 50-layer trunk
+    costs about what a 34-layer one of basic blocks does.
+    """
+
+    EXPANSION = 4
+
+    def __init__(self, in_channels: int, inner: int, stride: int, norm: str) -> None:
+        super().__init__()
+        out_channels = self.EXPANSION * inner
+        self.conv1 = nn.Conv2d(in_channels, inner, 1, bias=False)
+        self.bn1 = make_norm(norm, inner)
+        self.conv2 = nn.Conv2d(inner, inner, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = make_norm(norm, inner)
+        self.conv3 = nn.Conv2d(inner, out_channels, 1, bias=False)
+        self.bn3 = make_norm(norm, out_channels)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                                            make_norm(norm, out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[N, C_in, H, W] -> [N, 4 * inner, H / stride, W / stride]``."""
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class BottleneckResNet(nn.Module):
+    """A ResNet of bottleneck blocks trained from scratch; at width 64 with blocks (3, 4, 6, 3) it is
+    ResNet-50 (``config.backbone == "resnet50"`` always builds exactly that).
+
+    Stem as ``TinyResNet``'s, then stages C2..C5 of ``blocks[i]`` bottlenecks of inner width
+    ``width * 2**i`` and output ``4 * width * 2**i`` channels (ResNet-50: 256, 512, 1024, 2048).
+    ``config.backbone == "bottleneck"`` reads ``config.width`` and ``config.blocks`` instead: the
+    same topology narrowed to what a CPU trains (chapter 10's CPU proof of the GPU recipe).
+
+    Init (``_init_weights``): He normal convs, and each block's last norm scale at zero (Goyal et al.
+    2017; torchvision's ``zero_init_residual=True``), so every block starts as the identity and the
+    features leave the trunk at the stem's scale. torchvision's default keeps that scale at 1, and
+    each of the 16 blocks then adds its own unit-variance branch to the sum (chapter 10 measures it).
+    Weights are never downloaded: the course trains from scratch, offline.
 
     ``forward(images: Tensor[N, 3, H, W]) -> list[Tensor]`` finest first, as ``TinyResNet``.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        norm_layer = None if config.norm == "bn" else (lambda c: nn.GroupNorm(32, c))
-        resnet = torchvision.models.resnet50(weights=None, norm_layer=norm_layer)
-        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        resnet50 = config.backbone == "resnet50"
+        width, blocks = (64, RESNET50_BLOCKS) if resnet50 else (config.width, config.blocks)
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False),
+            make_norm(config.norm, width), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1))
         num_stages = _num_stages(config)
-        layers = [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4]
-        self.stages = nn.ModuleList(layers[:num_stages])
-        self.out_channels = [256 * 2**i for i in range(num_stages)]
+        self.out_channels = [Bottleneck.EXPANSION * width * 2**i for i in range(num_stages)]
         self.strides = list(STAGE_STRIDES[:num_stages])
+        self.stages = nn.ModuleList()
+        in_channels = width
+        for i in range(num_stages):
+            first_stride = 1 if i == 0 else 2  # C2 stays at the stem's stride 4
+            stage = [Bottleneck(in_channels, width * 2**i, first_stride, config.norm)]
+            stage += [Bottleneck(self.out_channels[i], width * 2**i, 1, config.norm) for _ in range(blocks[i] - 1)]
+            self.stages.append(nn.Sequential(*stage))
+            in_channels = self.out_channels[i]
+        _init_weights(self)
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        x = self.stem(images)  # [N, 64, H/4, W/4]
+        x = self.stem(images)  # [N, width, H/4, W/4]
         features = []
         for stage in self.stages:
             x = stage(x)  # [N, C_l, H/s_l, W/s_l]

@@ -23,6 +23,7 @@ POOLERS = ("roi_align", "roi_align_max", "roi_warp", "roi_pool")
 MASK_LOSSES = ("sigmoid", "softmax", "sigmoid_agnostic")
 SOFTMAX_RULES = ("probability", "argmax")
 SCHEDULES = ("cosine", "onecycle", "constant")
+BACKBONES = ("tiny", "resnet50", "bottleneck")
 
 
 def _check_choices(obj, choices: dict[str, tuple]) -> None:
@@ -74,9 +75,11 @@ class ModelConfig:
     size_divisible: int = 32        # pad each batch so every stride divides it
 
     # ---- backbone ------------------------------------------------------------------------
-    backbone: str = "tiny"          # "tiny" (from scratch, CPU) or "resnet50" (GPU chapter)
+    backbone: str = "tiny"          # "tiny" (from scratch, CPU), "resnet50" (GPU chapter: exactly ResNet-50)
+                                    # or "bottleneck" (ResNet-50's topology at `width` and `blocks`)
     stride: int = 16                # output stride without FPN: 16 = paper's C4, 32 = C5, 8 = C3 (CPU preset)
-    width: int = 64                 # channels of the tiny backbone's first stage
+    width: int = 64                 # channels of the first stage: tiny's C2, a bottleneck's inner width (ResNet-50: 64)
+    blocks: tuple[int, int, int, int] = (3, 4, 6, 3)  # "bottleneck": blocks per stage C2..C5 (ResNet-50's)
     norm: str = "bn"                # "bn" (BatchNorm) or "gn" (GroupNorm, small batches)
     fpn: bool = False               # feature pyramid P2-P5 (+P6 for the RPN), chapter 07
     fpn_channels: int = 128         # paper: 256
@@ -127,12 +130,14 @@ class ModelConfig:
     refiner: TransfinerConfig | None = None  # a refinement stage on top (trained second: train_refiner)
 
     def __post_init__(self):
-        _check_choices(self, {"backbone": ("tiny", "resnet50"), "stride": (8, 16, 32), "norm": ("bn", "gn"),
+        _check_choices(self, {"backbone": BACKBONES, "stride": (8, 16, 32), "norm": ("bn", "gn"),
                               "pooler": POOLERS, "mask_loss": MASK_LOSSES,
                               "softmax_mask_rule": SOFTMAX_RULES})
         if self.fpn and self.pooler != "roi_align":
             raise ValueError(f"ModelConfig.pooler={self.pooler!r} with fpn=True: the pyramid pools with "
                              "RoIAlign only (fpn.multiscale_roi_align)")
+        if len(self.blocks) != 4 or min(self.blocks) < 1:
+            raise ValueError(f"ModelConfig.blocks={self.blocks}; expected 4 block counts >= 1 (C2..C5)")
         if self.num_classes < 2:
             raise ValueError(f"ModelConfig.num_classes={self.num_classes}: needs background + at least 1 class")
         if self.refiner is not None and (not self.with_mask or self.mask_loss != "sigmoid"):
