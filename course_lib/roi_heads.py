@@ -179,7 +179,8 @@ class RoIHeads(nn.Module):
     FPN), proposals per image ``Tensor[P_i, 4]``, image sizes (H, W) before padding. Detections
     (eval) per image: ``boxes``, ``labels``, ``scores`` (+ ``masks`` ``Tensor[D, 1, M, M]``
     probabilities in the box, before pasting); losses (train): ``loss_classifier``,
-    ``loss_box_reg`` (+ ``loss_mask``).
+    ``loss_box_reg`` (+ ``loss_mask``). Under mixed precision the heads' logits and deltas are cast
+    to fp32 first, so losses, boxes, scores and masks are fp32 as without autocast.
     """
 
     def __init__(self, config: ModelConfig, in_channels: int):
@@ -200,6 +201,7 @@ class RoIHeads(nn.Module):
                 proposals, targets, self.config, self.box_coder)
         box_features = self.pool(features, proposals, self.config.box_roi_size)      # [K, C, 7, 7]
         class_logits, box_regression = self.box_predictor(self.box_head(box_features))
+        class_logits, box_regression = class_logits.float(), box_regression.float()  # fp32 under autocast
         if self.training:
             loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels,
                                                           regression_targets)
@@ -230,7 +232,7 @@ class RoIHeads(nn.Module):
         """Mask loss on the positive sampled RoIs only (Mask R-CNN §3: L_mask is defined on positives)."""
         positive = [torch.where(lab > 0)[0] for lab in labels]
         pos_rois = [r[p] for r, p in zip(rois, positive)]
-        mask_logits = self.mask_head(self.pool(features, pos_rois, self.config.mask_roi_size))
+        mask_logits = self.mask_head(self.pool(features, pos_rois, self.config.mask_roi_size)).float()
         resolution = mask_logits.shape[-1]                                          # 2S = 28
         mask_targets = [mask_head.mask_targets(t["masks"], r, m[p], resolution)
                         for t, r, m, p in zip(targets, pos_rois, matched_idxs, positive)]
@@ -240,7 +242,7 @@ class RoIHeads(nn.Module):
     def predict_masks(self, features: list[Tensor], detections: list[dict[str, Tensor]]) -> None:
         """Add ``masks`` ``Tensor[D, 1, M, M]`` (probabilities of the predicted class) to each detection."""
         mask_logits = self.mask_head(self.pool(features, [d["boxes"] for d in detections],
-                                                self.config.mask_roi_size))          # [K, L, M, M]
+                                                self.config.mask_roi_size)).float()  # [K, L, M, M]
         labels = torch.cat([d["labels"] for d in detections])
         probs = mask_head.mask_probs(mask_logits, labels, self.config.mask_loss,
                                      self.config.softmax_mask_rule)                    # [K, 1, M, M]

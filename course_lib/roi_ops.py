@@ -404,10 +404,15 @@ def pool_rois(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
     Args as ``roi_align``; ``pooler`` is one of ``POOLERS``: ``"roi_align"``, ``"roi_align_max"``,
     ``"roi_warp"`` (always ``aligned``) or ``"roi_pool"`` (ignores ``sampling_ratio`` and
     ``aligned``). Both paths return the same ``Tensor[K, C, PH, PW]`` (tests/test_roi_ops.py
-    checks it); the fast one is several times quicker.
+    checks it); the fast one is several times quicker. fp16/bf16 features (mixed precision) are
+    pooled in fp32 with fp32 boxes and returned in their own dtype.
     """
     if pooler not in POOLERS:
         raise ValueError(f"pooler must be one of {POOLERS}, got {pooler!r}")
+    if input.dtype in (torch.float16, torch.bfloat16):  # mixed precision: pool in fp32, as torchvision's
+        boxes = [b.float() for b in boxes] if isinstance(boxes, (list, tuple)) else boxes.float()
+        pooled = pool_rois(input.float(), boxes, output_size, spatial_scale, pooler, sampling_ratio, aligned, fast)
+        return pooled.to(input.dtype)  # autocast kernels do: the boxes stay fp32 (bf16 is 2 px off at 500 px)
     if pooler == "roi_pool":
         if fast:
             return torchvision.ops.roi_pool(input, boxes, output_size, spatial_scale)

@@ -212,6 +212,7 @@ class RegionProposalNetwork(nn.Module):
         anchors = self.anchors(padded_size, features)  # [R, 4]
         num_anchors_per_level = [o[0].numel() for o in objectness]
         objectness, deltas = flatten_predictions(objectness, deltas)  # [N, R], [N, R, 4]
+        objectness, deltas = objectness.to(anchors.dtype), deltas.to(anchors.dtype)  # fp32 under autocast
         proposals = self.box_coder.decode(deltas.detach().reshape(-1, 4), anchors.repeat(n, 1))  # [N*R, 4]
         pre, post = ((cfg.rpn_pre_nms_top_n_train, cfg.rpn_post_nms_top_n_train) if self.training
                      else (cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test))
@@ -222,9 +223,11 @@ class RegionProposalNetwork(nn.Module):
         return boxes, self.losses(anchors, objectness, deltas, targets)
 
     def anchors(self, padded_size: tuple[int, int], features: list[Tensor]) -> Tensor:
-        """All anchors of one (padded) image, levels concatenated: ``Tensor[R, 4]`` xyxy pixels."""
+        """All anchors of one (padded) image, levels concatenated: ``Tensor[R, 4]`` xyxy pixels, fp32 or wider."""
+        # At least fp32 under mixed precision: a bf16 coordinate near 500 px is off by up to 2 px.
+        dtype = torch.promote_types(features[0].dtype, torch.float32)
         per_level = self.anchor_generator(tuple(padded_size), [tuple(f.shape[-2:]) for f in features],
-                                          dtype=features[0].dtype, device=features[0].device)
+                                          dtype=dtype, device=features[0].device)
         return torch.cat(per_level)  # [R, 4]
 
     def losses(self, anchors: Tensor, objectness: Tensor, deltas: Tensor,
