@@ -4,10 +4,12 @@
 scratch on the 6-50 px shapes, that design barely learns on a CPU (chapter 05 measures why), so
 the chapters train ``cpu_config()``, which changes the fields in ``CPU_RECIPE``, each with its
 reason. ``quick_config()`` shrinks it further for CI. The command line's runs (``RunConfig``)
-come from ``PRESETS``: ``quick`` (CI, seconds), ``cpu`` (a laptop, minutes), ``gpu`` (chapter 10).
+come from ``PRESETS``: ``quick`` (CI, seconds), ``cpu`` (a laptop, minutes), ``gpu`` (chapter 10)
+and ``gpu_proof`` (the GPU model's topology narrowed to a CPU: the proof that its recipe learns).
 
-Public names: ``CPU_RECIPE``, ``cpu_config``, ``quick_config``, ``ablation_config``, ``gpu_config``, ``cpu_training``,
-``refiner_training``, ``quick_run``, ``cpu_run``, ``gpu_run``, ``PRESETS``.
+Public names: ``CPU_RECIPE``, ``cpu_config``, ``quick_config``, ``ablation_config``, ``gpu_config``,
+``GPU_PROOF_SIZES``, ``GPU_PROOF_STEPS``, ``gpu_proof_config``, ``cpu_training``, ``refiner_training``,
+``quick_run``, ``cpu_run``, ``gpu_run``, ``gpu_proof_run``, ``PRESETS``.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import dataclasses
 from course_lib import utils
 from course_lib.config import ModelConfig, RunConfig, TrainConfig
 
-GPU_PROOF_STEPS = 1500  # see gpu_proof_run
+GPU_PROOF_STEPS = 900  # gpu_proof_run: about 10 minutes on 2 quiet cores (estimated from 50 steps on a busy machine)
 
 # The CPU recipe: where it departs from ModelConfig's defaults (the paper's ResNet-C4 design scaled
 # to 128 px), and why. Each change was measured on 500 held-out shapes images (notes in chapter 05).
@@ -66,13 +68,14 @@ def gpu_config(image_size: int = 512, **changes) -> ModelConfig:
     return dataclasses.replace(ModelConfig(), **{**gpu, **changes})
 
 
-# The CPU proof of the GPU recipe: what changes from gpu_config, all sizes; the topology (bottleneck
+# The CPU proof of the GPU recipe: what changes from gpu_config, all sizes or speed; the topology (bottleneck
 # stages 3-4-6-3, FPN P2-P6, 2-fc box head, 4-conv mask head), the losses and the schedule's shape stay.
 GPU_PROOF_SIZES = dict(
     backbone="bottleneck", width=16,  # ResNet-50's blocks at a quarter of its width (C2..C5: 64..512 channels)
     fpn_channels=64, representation_size=256, mask_conv_channels=64,  # paper: 256, 1024, 256
     rpn_pre_nms_top_n_train=500, rpn_post_nms_top_n_train=300,  # a 128 px image holds at most 4 objects
     rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100, box_batch_size_per_image=128,
+    fast_ops=False,                   # same numbers; our RoIAlign's backward is faster on a CPU (CPU_RECIPE)
 )
 
 
@@ -110,24 +113,25 @@ def cpu_run() -> RunConfig:
     return RunConfig("cpu", cpu_config(), train, image_size=128, train_images=19200, val_images=100)
 
 
-def gpu_run() -> RunConfig:
+def gpu_run(steps: int = 6000) -> RunConfig:
     """The real run: ``gpu_config()`` on 512 px shapes, mixed precision, ``channels_last``, and half
-    the cores (at most 8) as DataLoader workers. Batch 8 at lr 0.02 with a 500-step linear warm-up
-    (Goyal et al. 2017) and a one-cycle decay over 6000 steps."""
-    train = TrainConfig(steps=6000, batch_size=8, lr=0.02, warmup_steps=500, eval_every=1000,
-                        checkpoint_every=500, workers=utils.workers_and_threads(gpu=True)[0], amp=True,
-                        channels_last=True)
+    the cores (at most 8) as DataLoader workers. Batch 8 at lr 0.02, a linear warm-up over the first
+    twelfth of the steps (500 of 6000; Goyal et al. 2017), then a one-cycle decay; 6 evaluations.
+    ``benchmarks/gpu_session.sh`` runs it shortened to the steps a session has time for."""
+    train = TrainConfig(steps=steps, batch_size=8, lr=0.02, warmup_steps=steps // 12, eval_every=max(1, steps // 6),
+                        checkpoint_every=max(1, steps // 12), workers=utils.workers_and_threads(gpu=True)[0],
+                        amp=True, channels_last=True)
     return RunConfig("gpu", gpu_config(), train, image_size=512, train_images=20000, val_images=500,
                      device="cuda")
 
 
 def gpu_proof_run(steps: int = GPU_PROOF_STEPS) -> RunConfig:
     """The CPU proof that the GPU recipe learns: ``gpu_proof_config()`` on 128 px shapes in fp32 (a
-    CPU has no fast 16-bit convolutions), ``gpu_run``'s schedule shape (warm-up 1/12 of the steps,
-    one-cycle decay) at the CPU recipe's lr, evaluated on 200 held-out images. Not the GPU result:
-    a check, on any machine, that the recipe's model starts sane and learns."""
-    train = TrainConfig(steps=steps, batch_size=8, lr=0.06, warmup_steps=steps // 12, eval_every=max(1, steps // 4),
-                        checkpoint_every=max(1, steps // 4), workers=utils.workers_and_threads()[0])
+    CPU has no fast 16-bit convolutions), ``gpu_run``'s schedule shape (warm-up over the first twelfth,
+    one-cycle decay) at the CPU recipe's lr 0.06 (chapter 05), 3 evaluations on 200 held-out images.
+    Not the GPU result: a check, on any machine, that the recipe's model starts sane and learns."""
+    train = TrainConfig(steps=steps, batch_size=8, lr=0.06, warmup_steps=steps // 12, eval_every=max(1, steps // 3),
+                        checkpoint_every=max(1, steps // 3), workers=utils.workers_and_threads()[0])
     return RunConfig("gpu_proof", gpu_proof_config(), train, image_size=128, train_images=8 * steps,
                      val_images=200, device="cpu")
 

@@ -193,6 +193,7 @@ def run_training(run: RunConfig, out: str | Path, resume: bool = False, overwrit
     when distributed)."""
     out, device = Path(out), utils.device(run.device, verbose=False)
     world = distributed.setup(device)
+    utils.share_cores(run.train.workers, world)  # threads + workers = cores: none oversubscribed
     if run.train.batch_size % world:
         raise ValueError(f"--batch-size={run.train.batch_size} does not split over {world} processes")
     train_set, val_set = make_datasets(run)
