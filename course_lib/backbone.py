@@ -183,9 +183,10 @@ class BottleneckResNet(nn.Module):
     same topology narrowed to what a CPU trains (chapter 10's CPU proof of the GPU recipe).
 
     Init (``_init_weights``): He normal convs, and each block's last norm scale at zero (Goyal et al.
-    2017; torchvision's ``zero_init_residual=True``), so every block starts as the identity and the
-    features leave the trunk at the stem's scale. torchvision's default keeps that scale at 1, and
-    each of the 16 blocks then adds its own unit-variance branch to the sum (chapter 10 measures it).
+    2017; torchvision's ``zero_init_residual=True``): a block that keeps its shape starts as the
+    identity, so C2..C5 leave the trunk at one scale, that of each stage's first (projection) block.
+    torchvision's default keeps that scale at 1, and each of the 16 blocks then adds its own
+    unit-variance branch to the sum (chapter 10 measures both).
     Weights are never downloaded: the course trains from scratch, offline.
 
     ``forward(images: Tensor[N, 3, H, W]) -> list[Tensor]`` finest first, as ``TinyResNet``.

@@ -18,7 +18,7 @@ import dataclasses
 from course_lib import utils
 from course_lib.config import ModelConfig, RunConfig, TrainConfig
 
-GPU_PROOF_STEPS = 900  # gpu_proof_run: about 10 minutes on 2 quiet cores (estimated from 50 steps on a busy machine)
+GPU_PROOF_STEPS = 900  # gpu_proof_run: an estimated 11-13 min on 2 quiet cores (from 50 steps on a busy machine)
 
 # The CPU recipe: where it departs from ModelConfig's defaults (the paper's ResNet-C4 design scaled
 # to 128 px), and why. Each change was measured on 500 held-out shapes images (notes in chapter 05).
