@@ -50,6 +50,15 @@ def quick_config(**changes) -> ModelConfig:
     return cpu_config(**{**small, **changes})
 
 
+def ablation_config(**changes) -> ModelConfig:
+    """Chapter 08's base for Table 2 (``experiments.Settings``: 192 px images of larger shapes): the CPU
+    recipe with a narrower trunk, anchors two per octave from 32 to 181 px (the objects span several
+    cells at stride 32, and most have an anchor at IoU >= 0.5 at both strides), and the paper's
+    2 x 2 sampling points per RoIAlign bin (max pooling needs more than one sample)."""
+    table2 = dict(width=16, anchor_sizes=(32, 45, 64, 90, 128, 181), sampling_ratio=2)
+    return cpu_config(**{**table2, **changes})
+
+
 def gpu_config(image_size: int = 512, **changes) -> ModelConfig:
     """ResNet-50-FPN from scratch with the paper's head sizes, for ``image_size`` px images (chapter 10).
 
