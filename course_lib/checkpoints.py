@@ -78,7 +78,8 @@ def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint's contents, loaded safely (``weights_only=True``); ``CheckpointError`` otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {str(path)!r} {what}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -216,3 +216,8 @@ def test_save_model_load_model_round_trip_with_a_refiner(tmp_path):
     assert len(expected["boxes"]) >= 3                              # the refiner refined some masks
     for key in ("boxes", "labels", "scores", "masks"):
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(checkpoints.CheckpointError, match="is a folder, not a checkpoint file"):
+        checkpoints.read_checkpoint(tmp_path)
