@@ -17,10 +17,10 @@ of Mask R-CNN §3 and Faster R-CNN §3:
 8. paste each detection's mask into the image (``mask_head.paste_masks_in_image``);
 9. (a model with chapter 09's refiner only) ``refinement.refine_detections``.
 
-Public names: ``STAGES``, ``run_stages``, ``time_stages``, ``top_rois``; the pictures
-``draw_feature_maps``, ``draw_objectness``, ``draw_proposals``, ``draw_top_rois``,
-``draw_class_scores``, ``draw_mask_logits``, ``draw_detections``, ``draw_overview``; the widget's
-plain functions ``upload_content``, ``save_upload``, ``count_drawn``, ``threshold_readout``.
+Public names: ``STAGES``, ``run_stages``, ``time_stages``, ``top_rois``; pictures ``draw_feature_maps``,
+``draw_objectness``, ``draw_proposals``, ``draw_top_rois``, ``draw_class_scores``, ``draw_mask_logits``,
+``draw_detections``, ``draw_overview``; the widget's ``upload_content``, ``save_upload``, ``count_drawn``,
+``threshold_readout``.
 
 Dimensions: C channels, h x w a feature map in cells, S anchor sizes and R aspect ratios of one
 level, K proposals before NMS, P after, L classes with the background, D detections, M = 28 the
@@ -28,20 +28,23 @@ mask size, H x W the image in pixels.
 """
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from course_lib import boxes, mask_head, model as model_lib, refinement, roi_heads, rpn, viz
 
-STAGES = ("normalise and pad", "backbone", "RPN head", "proposals", "box head", "detections",
-          "mask head", "paste masks")
+STAGES = ("normalise and pad", "backbone", "RPN head", "proposals", "box head", "detections", "mask head", "paste masks")
 
 
 class _Clock:
@@ -96,7 +99,10 @@ def run_stages(net: model_lib.MaskRCNN, image: Tensor) -> dict:
         refinement.refine_detections(net, batch, features, maps, [head_out["detections"]])
         clock.lap("refine")
     return {"image": image, "batch": batch, "maps": {s: m[0] for s, m in maps.items()}, "features": features,
-            **_anchor_views(net, objectness, features, batch), **rpn_out, **head_out, "times": clock.times}
+            **_anchor_views(net, objectness, features, batch), "anchors": rpn_out["anchors"],
+            "before_nms": _before_nms(rpn_out, net.config.rpn_pre_nms_top_n_test, size),
+            "proposals": rpn_out["proposals"], "proposal_scores": rpn_out["proposal_scores"], **head_out,
+            "times": clock.times}
 
 
 def _heads(net: model_lib.MaskRCNN, features: list[Tensor], proposals: Tensor, size: tuple[int, int],
@@ -121,7 +127,7 @@ def _heads(net: model_lib.MaskRCNN, features: list[Tensor], proposals: Tensor, s
 
 def _propose(net: model_lib.MaskRCNN, features: list[Tensor], objectness: list[Tensor], deltas: list[Tensor],
              padded_size: tuple[int, int], size: tuple[int, int]) -> dict:
-    """``RegionProposalNetwork.forward`` in eval mode, keeping the anchors and the top-k before NMS."""
+    """``RegionProposalNetwork.forward`` in eval mode, keeping the anchors, logits and decoded boxes."""
     cfg = net.config
     anchors = net.rpn.anchors(padded_size, features)                                # [R_all, 4]
     per_level = [o[0].numel() for o in objectness]
@@ -130,14 +136,16 @@ def _propose(net: model_lib.MaskRCNN, features: list[Tensor], objectness: list[T
     decoded = net.rpn.box_coder.decode(flat_deltas.reshape(-1, 4), anchors)        # [R_all, 4]
     found, scores = rpn.select_proposals(decoded.view(1, -1, 4), logits, [size], per_level,
                                          cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test, cfg.rpn_nms_thresh)
-    top = torch.cat([level.topk(min(cfg.rpn_pre_nms_top_n_test, len(level))).indices + start  # [K]
-                     for level, start in zip(logits[0].split(per_level), _starts(per_level))])
-    before = {"boxes": boxes.clip_boxes_to_image(decoded[top], size), "scores": logits[0, top].sigmoid()}
-    return {"anchors": anchors, "before_nms": before, "proposals": found[0], "proposal_scores": scores[0]}
+    return {"anchors": anchors, "logits": logits[0], "decoded": decoded, "per_level": per_level,
+            "proposals": found[0], "proposal_scores": scores[0]}
 
 
-def _starts(counts: list[int]) -> list[int]:
-    return [sum(counts[:i]) for i in range(len(counts))]
+def _before_nms(rpn_out: dict, k: int, size: tuple[int, int]) -> dict:
+    """What ``select_proposals`` hands to NMS: the top ``k`` decoded anchors of each level, clipped."""
+    starts = itertools.accumulate(rpn_out["per_level"][:-1], initial=0)
+    top = torch.cat([level.topk(min(k, len(level))).indices + start                  # [K]
+                     for level, start in zip(rpn_out["logits"].split(rpn_out["per_level"]), starts)])
+    return {"boxes": boxes.clip_boxes_to_image(rpn_out["decoded"][top], size), "scores": rpn_out["logits"][top].sigmoid()}
 
 
 def _anchor_views(net: model_lib.MaskRCNN, objectness: list[Tensor], features: list[Tensor], batch: Tensor) -> dict:
@@ -204,20 +212,27 @@ def draw_objectness(axes, stages: dict) -> None:
               "objectness probability", cmap="viridis", vmin=0, vmax=1)
 
 
-def _boxes(ax: Axes, rois: Tensor, colour, width: float = 0.6, alpha: float = 0.5) -> None:
-    for x1, y1, x2, y2 in rois.tolist():
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=width, alpha=alpha))
+def _scored_boxes(ax: Axes, rois: Tensor, scores: Tensor) -> None:
+    """Boxes ``Tensor[K, 4]`` coloured by their objectness probability ``Tensor[K]``, the best drawn last
+    (on top) and the most opaque, with a colour bar."""
+    cmap = colormaps["plasma"]
+    for k in scores.argsort().tolist():                                             # worst first
+        (x1, y1, x2, y2), p = rois[k].tolist(), float(scores[k])
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=cmap(p), linewidth=0.8,
+                               alpha=0.15 + 0.75 * p))
+    ax.figure.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=ax, fraction=0.046, pad=0.03,
+                       label="objectness probability")
 
 
 def draw_proposals(ax_before: Axes | None, ax_after: Axes, stages: dict) -> None:
     """The top-k decoded anchors of each level before NMS (``ax_before``, skipped when None), and
-    the proposals NMS keeps (``ax_after``)."""
+    the proposals NMS keeps (``ax_after``), each coloured by its objectness."""
     if ax_before is not None:
-        before = stages["before_nms"]["boxes"]
-        _image(ax_before, stages["image"], f"before NMS: the top {len(before)} decoded anchors")
-        _boxes(ax_before, before, "yellow", alpha=0.25)
+        before = stages["before_nms"]
+        _image(ax_before, stages["image"], f"before NMS: the top {len(before['boxes'])} decoded anchors")
+        _scored_boxes(ax_before, before["boxes"], before["scores"])
     _image(ax_after, stages["image"], f"after NMS: {len(stages['proposals'])} proposals")
-    _boxes(ax_after, stages["proposals"], "cyan")
+    _scored_boxes(ax_after, stages["proposals"], stages["proposal_scores"])
 
 
 def draw_top_rois(ax_image: Axes, axes_pooled, stages: dict, names: tuple[str, ...]) -> None:
@@ -231,7 +246,7 @@ def draw_top_rois(ax_image: Axes, axes_pooled, stages: dict, names: tuple[str, .
         label = int(stages["class_probs"][k, 1:].argmax()) + 1
         _heat(ax, stages["box_features"][k].mean(0), f"RoI {rank}: {names[label - 1]} "
               f"{stages['class_probs'][k, label].item():.2f}", "mean feature", unit="bins", cmap="magma")
-    for ax in list(axes_pooled)[len(order):]:
+    for ax in list(axes_pooled)[len(order):]:                                       # fewer RoIs than panels
         ax.axis("off")
 
 
@@ -244,8 +259,7 @@ def draw_class_scores(ax: Axes, stages: dict, names: tuple[str, ...], k: int = 8
         return
     probs = stages["class_probs"][order]                                            # [k, L]
     ax.imshow(probs.cpu().numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
-    for (i, j), p in zip(torch.cartesian_prod(torch.arange(len(order)), torch.arange(probs.shape[1])).tolist(),
-                         probs.flatten().tolist()):
+    for (i, j), p in zip(itertools.product(range(len(order)), range(probs.shape[1])), probs.flatten().tolist()):
         ax.text(j, i, f"{p:.2f}", ha="center", va="center", fontsize=7, color="white" if p > 0.6 else "black")
     ax.set_xticks(range(probs.shape[1]), ["background", *names], fontsize=7, rotation=30, ha="right")
     ax.set_yticks(range(len(order)), [f"RoI {r}" for r in range(1, len(order) + 1)], fontsize=7)
@@ -258,9 +272,8 @@ def draw_mask_logits(axes, stages: dict, index: int, names: tuple[str, ...],
     logits = stages["mask_logits"][index]                                           # [L, M, M]
     label, limit = int(stages["detections"]["labels"][index]), logits.abs().max().item()
     channel_names = ["background", *names] if len(logits) == len(names) + 1 else ["every class"]
-    agnostic = len(logits) == 1
     for ax, c in zip(axes, channels if channels is not None else range(len(logits))):
-        used = " (used)" if c == label or agnostic else ""
+        used = " (used)" if c == label or len(logits) == 1 else ""
         _heat(ax, logits[c], f"{channel_names[c]} channel{used}", "logit", unit="mask bins",
               cmap="RdBu_r", vmin=-limit, vmax=limit)
 
@@ -323,8 +336,7 @@ def upload_content(value) -> tuple[str, bytes]:
     (ipywidgets 8: a tuple of dicts with ``name`` and ``content``, a memoryview)."""
     if not value:
         raise ValueError("no file uploaded yet")
-    item = value[-1]
-    content = bytes(item["content"])
+    item, content = value[-1], bytes(value[-1]["content"])
     if not content:
         raise ValueError(f"the uploaded file {item.get('name')!r} is empty (0 bytes)")
     return str(item.get("name") or "upload"), content
@@ -334,7 +346,6 @@ def save_upload(value, folder: str | Path) -> Path:
     """Write the uploaded file into ``folder`` under its own name (folders in the name dropped),
     so it is read like any image path; returns the path."""
     name, content = upload_content(value)
-    name = Path(name).name
-    path = Path(folder) / (name if name not in ("", ".", "..") else "upload")
+    path = Path(folder) / (Path(name).name if Path(name).name not in ("", ".", "..") else "upload")
     path.write_bytes(content)
     return path
