@@ -9,8 +9,9 @@ Order and numbers are torchvision's ``anchor_utils.AnchorGenerator``: for each f
 location-major (row by row over the feature map), then the ``A = len(ratios) * len(sizes)``
 anchors of a location in (ratio, size) order, with the zero-centred *cell anchors* rounded to
 whole pixels and placed at ``(j * stride_x, i * stride_y)``, the top-left corner of feature cell
-``(i, j)`` in image pixels. (Detectron2 would add ``stride / 2`` to centre them; torchvision
-does not, and we keep torchvision's numbers so the two can be compared one to one.)
+``(i, j)`` in image pixels. (Detectron2 does the same by default; its ``ANCHOR_GENERATOR.OFFSET
+= 0.5`` would move them to the cell centre. We keep torchvision's numbers so the two can be
+compared one to one.)
 
 Dimension letters: ``L`` feature levels, ``A`` anchors per location, ``H_l x W_l`` feature map
 of level ``l`` in feature cells.

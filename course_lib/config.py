@@ -111,7 +111,7 @@ class ModelConfig:
     representation_size: int = 256  # two FC layers; paper/torchvision: 1024
     box_fg_iou: float = 0.5
     box_bg_iou: float = 0.5
-    box_batch_size_per_image: int = 64   # paper: 512
+    box_batch_size_per_image: int = 64   # paper: 64 RoIs per image with C4, 512 with FPN
     box_positive_fraction: float = 0.25
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5

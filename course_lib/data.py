@@ -32,7 +32,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 
-from course_lib import utils
+from course_lib import coco_checks, utils
 
 CLASSES = ("square", "circle", "triangle")
 NUM_CLASSES = len(CLASSES) + 1  # background is label 0
@@ -292,7 +292,7 @@ class CocoDataset(torch.utils.data.Dataset):
       <= 0 is dropped (torchvision's rule: keep only boxes with x2 > x1 and y2 > y1).
     * Images without annotations are kept, with empty targets.
     * What would load silently wrong is refused with a ``ValueError`` naming the entry and the
-      value (``_check_coco``): a ``file_name`` outside ``image_dir``, duplicate image or category
+      value (``coco_checks.check_coco``): a ``file_name`` outside ``image_dir``, duplicate image or category
       ids, an annotation without ``bbox``, ``category_id`` or ``segmentation``, an RLE mask or an
       image file whose size is not the json's.
     """
@@ -309,7 +309,7 @@ class CocoDataset(torch.utils.data.Dataset):
             raise ValueError(f"annotation_file {str(annotation_file)!r} is not valid json: {error}") from None
         if missing:
             raise ValueError(f"annotation_file {str(annotation_file)!r} lacks the keys {missing}")
-        cat_ids = _check_coco(dataset, str(annotation_file))
+        cat_ids = coco_checks.check_coco(dataset, str(annotation_file))
         self.coco = COCO()
         self.coco.dataset = dataset
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -328,7 +328,7 @@ class CocoDataset(torch.utils.data.Dataset):
         path = self.image_dir / info["file_name"]
         if not path.is_file():
             raise FileNotFoundError(f"image file {str(path)!r} (image id {info['id']}) does not exist")
-        image = _read_image(path, info, self.annotation_file)  # [3, H, W]
+        image = coco_checks.read_image(path, info, self.annotation_file)  # [3, H, W]
         height, width = image.shape[1:]
         anns = [a for a in self.coco.imgToAnns[info["id"]] if self.keep_crowd or not a.get("iscrowd", 0)]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
@@ -344,59 +344,6 @@ class CocoDataset(torch.utils.data.Dataset):
                        "area": torch.tensor([float(a.get("area", 0)) for a in anns], dtype=torch.float32),
                        "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64)}
 
-
-def _check_coco(dataset: dict, source: str) -> list:
-    """The sorted category ids of a COCO dict, after refusing what pycocotools would load silently
-    wrong (a later duplicate id replaces the earlier entry) or fail on deep inside ``annToMask``."""
-    sizes = {}
-    for k, info in enumerate(dataset["images"]):
-        where = _check_keys(f"images[{k}]", info, ("id", "file_name", "height", "width"), source)
-        if Path(info["file_name"]).is_absolute() or ".." in Path(info["file_name"]).parts:
-            raise ValueError(f"{where}: file_name {info['file_name']!r} leaves the image folder; give a path inside it")
-        if info["id"] in sizes:
-            raise ValueError(f"{where}: image id {info['id']!r} is used twice")
-        sizes[info["id"]] = [info["height"], info["width"]]
-    cat_ids = [c["id"] for c in dataset["categories"]]
-    declared = set(cat_ids)
-    if len(declared) != len(cat_ids):
-        twice = next(c for c in cat_ids if cat_ids.count(c) > 1)
-        raise ValueError(f"categories of {source!r}: category id {twice!r} is used twice")
-    for k, ann in enumerate(dataset["annotations"]):
-        where = _check_keys(f"annotations[{k}]", ann, ("image_id", "category_id", "bbox", "segmentation"), source)
-        if ann["category_id"] not in declared:
-            raise ValueError(f"category_id {ann['category_id']!r} of annotation {ann.get('id')!r} "
-                             f"is not declared in 'categories' of {source!r}")
-        if ann["image_id"] not in sizes:
-            raise ValueError(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
-        if not isinstance(ann["bbox"], list) or len(ann["bbox"]) != 4:
-            raise ValueError(f"{where}: bbox {ann['bbox']!r} is not [x, y, width, height]")
-        rle, size = ann["segmentation"], sizes[ann["image_id"]]
-        if isinstance(rle, dict) and list(rle.get("size", [])) != size:
-            raise ValueError(f"{where}: RLE size {rle.get('size')!r} is not its image's [height, width] {size}")
-    return sorted(cat_ids)
-
-
-def _check_keys(where: str, entry: dict, keys: tuple[str, ...], source: str) -> str:
-    """``where`` with the entry's id and the file, for messages; ``ValueError`` if a key is missing."""
-    where = f"{where} (id {entry.get('id')!r}) of {source!r}"
-    missing = [key for key in keys if key not in entry]
-    if missing:
-        raise ValueError(f"{where} has no {', '.join(map(repr, missing))}")
-    return where
-
-
-def _read_image(path: Path, info: dict, source: str) -> Tensor:
-    """The RGB image at ``path`` as float ``Tensor[3, H, W]`` in [0, 1], refused when its size is not
-    the json's (every mask and box of the image is in the json's pixel frame)."""
-    try:
-        pil = Image.open(path).convert("RGB")
-    except OSError as err:
-        raise ValueError(f"image file {str(path)!r} (image id {info['id']!r}) cannot be read: {err}") from None
-    if [pil.height, pil.width] != [info["height"], info["width"]]:
-        raise ValueError(f"image file {str(path)!r} (image id {info['id']!r}) is {pil.height} x {pil.width} px "
-                         f"but {source!r} says {info['height']} x {info['width']} (height x width)")
-    pixels = np.asarray(pil, dtype=np.float32) / 255
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # [3, H, W]
 
 def split_indices(num_images: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """``(train, val)``: a seeded random ``val_fraction`` of the indices ``0 .. num_images - 1`` held out.
