@@ -8,8 +8,11 @@ prefix, so ``tests/test_committed_notebooks.py`` can read the committed outputs 
 claim that does not hold. Quick mode (``COURSE_QUICK=1``) runs are too short for default-mode
 claims to hold, so there a claim is printed as not checked, never as holding or failing.
 
-Public names: ``check``, ``ChapterTimer`` and the line prefixes ``HOLDS``, ``DOES_NOT_HOLD``,
-``NOT_CHECKED``.
+A claim over results that are recorded by a separate, long run (chapter 08's grid) and not yet
+recorded is printed as pending, with the command that records them: ``pending``.
+
+Public names: ``check``, ``pending``, ``ChapterTimer`` and the line prefixes ``HOLDS``,
+``DOES_NOT_HOLD``, ``NOT_CHECKED``, ``PENDING``.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from course_lib import utils
 HOLDS = "claim holds: "
 DOES_NOT_HOLD = "CLAIM DOES NOT HOLD: "  # capitals: a failed claim should catch the reader's eye
 NOT_CHECKED = "claim not checked (quick mode): "
+PENDING = "claim pending, its results are not recorded yet: "
 
 
 def check(statement: str, holds: bool, evidence: str) -> bool | None:
@@ -45,6 +49,17 @@ def check(statement: str, holds: bool, evidence: str) -> bool | None:
     verdict = bool(holds)
     print(f"{HOLDS if verdict else DOES_NOT_HOLD}{statement} ({evidence})")
     return verdict
+
+
+def pending(statement: str, record_with: str) -> None:
+    """Print that ``statement`` cannot be checked because its recorded results are missing.
+
+    Prints ``claim pending, its results are not recorded yet: <statement> (record them with:
+    <record_with>)``, in either mode. Why a separate verdict: a chapter that reads a long
+    recorded run must still run top to bottom before the run exists, and must say so on the
+    claim's own line rather than print nothing, or a verdict it never computed.
+    """
+    print(f"{PENDING}{statement} (record them with: {record_with})")
 
 
 class ChapterTimer:

@@ -14,7 +14,7 @@ import re
 
 from course_lib import claims
 
-CLAIM_PREFIXES = (claims.HOLDS, claims.DOES_NOT_HOLD, claims.NOT_CHECKED)
+CLAIM_PREFIXES = (claims.HOLDS, claims.DOES_NOT_HOLD, claims.NOT_CHECKED, claims.PENDING)
 CLAIM_CALL = re.compile(r"claims\.check\(|\.check\(\)")  # claims.check(...) or timer.check()
 # ChapterTimer.check's statement and evidence: "ran within the stated 7 min ... (measured 5.9 min"
 TIMER_LINE = re.compile(r"ran within the stated ([\d.]+) min\b(?:.*\(measured ([\d.]+) min)?")

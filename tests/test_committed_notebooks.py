@@ -69,6 +69,13 @@ def test_check_in_quick_mode_says_not_checked(quick):
     assert run(claims.check, "s", True, "e")[0] is None
 
 
+def test_pending_names_the_claim_and_the_command(default_mode, monkeypatch):
+    line = "claim pending, its results are not recorded yet: RoIAlign beats RoIPool (record them with: make grid)\n"
+    assert printed(claims.pending, "RoIAlign beats RoIPool", "make grid") == line
+    monkeypatch.setenv("COURSE_QUICK", "1")
+    assert printed(claims.pending, "RoIAlign beats RoIPool", "make grid") == line
+
+
 def test_chapter_timer_states_and_checks_its_time(default_mode):
     timer, start = run(claims.ChapterTimer, stated_minutes=7)
     assert start == "default mode: this chapter takes at most about 7 min on a 2-core CPU\n"
@@ -132,6 +139,13 @@ def test_fails_on_a_claim_cell_without_verdict(good):
         ["cell 3: calls a claim check but prints no verdict (not executed?)"]
     assert checks.claim_cells_without_verdict(planted(good, 5, code("timer.check()", "5.9 min\n"))) == \
         ["cell 5: calls a claim check but prints no verdict (not executed?)"]
+
+
+def test_a_pending_claim_is_a_verdict_not_a_pass(good):
+    line = printed(claims.pending, "RoIAlign beats RoIPool", "make grid")
+    nb = planted(good, 3, code('if not recorded:\n    claims.pending(...)\nelse:\n    claims.check(...)', line))
+    assert checks.notebook_problems(nb) == []
+    assert not line.startswith(claims.HOLDS)
 
 
 def test_fails_on_claims_and_outputs_from_quick_mode(good, monkeypatch):
