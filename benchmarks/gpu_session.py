@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                benchmark={k: bench[k] for k in ("ours", "torchvision", "ratio_images_per_s", "batch_size", "image_size")})
     record_run.write(results / "gpu_run.json", rec)
     final = rec["final"] or {}
-    print(f"[{time.perf_counter() - start:.0f} s] 4.-5. {steps} steps in {rec['wall_s']:.0f} s, box AP50 "
+    print(f"[{time.perf_counter() - start:.0f} s] 4.-5. {steps} steps in {rec['wall_s_last_session']:.0f} s, box AP50 "
           f"{final.get('box_AP50', float('nan')):.3f}; wrote {results / 'gpu_throughput.json'} and "
           f"{results / 'gpu_run.json'}")
     return rec

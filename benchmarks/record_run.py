@@ -5,8 +5,10 @@
 RUN_DIR is a ``python -m course_lib.train`` output folder: ``run.json`` (settings, command, machine),
 ``summary.json`` (final AP, wall time, images/s) and ``metrics.jsonl`` (every step and evaluation).
 The record holds the command, the settings, the machine, the loss curve (averaged over windows,
-at most ``CURVE_POINTS`` points), every evaluation, the final AP and the wall time, so the chapter
-shows the run without its checkpoints. Chapter 10 reads two such records: the CPU proof of the GPU
+at most ``CURVE_POINTS`` points), every evaluation, the final AP and the time: ``train_s``, the sum
+of every step's own time over all sessions of the run (a run stopped and resumed is timed whole;
+evaluations and start-up are not in it), and ``wall_s_last_session``, the last session's wall clock
+(all of the run when ``resumed`` is false), so the chapter shows the run without its checkpoints. Chapter 10 reads two such records: the CPU proof of the GPU
 recipe (``gpu_preset_cpu_proof.json``, the ``gpu_proof`` preset) and the GPU run (``gpu_run.json``,
 written by ``benchmarks/gpu_session.py``).
 """
@@ -58,13 +60,16 @@ def record(run_dir: str | Path, what: str | None = None, command: str | None = N
     summary = json.loads((run_dir / "summary.json").read_text())
     lines = distributed.read_jsonl(run_dir / "metrics.jsonl")
     evals = evaluations([r for r in lines if r["kind"] == "eval"])
+    steps = [r for r in lines if r["kind"] == "train"]
+    command = command or _command(run["command"])
     return {"status": "measured", "what": what or WHAT.get(run["run"]["name"], run["run"]["name"]),
-            "command": command or _command(run["command"]),
+            "command": command, "resumed": "--resume" in command.split(),
             "machine": run["machine"], "device": run["device"], "settings": run["run"],
-            "steps": summary["steps"], "wall_s": summary["wall_s_this_session"],
+            "steps": summary["steps"], "train_s": round(sum(r["time"] for r in steps), 1),
+            "wall_s_last_session": summary["wall_s_this_session"],
             "images_per_s_median": summary["images_per_s_median"],
             "final": evals[-1] if evals else None, "evaluations": evals,
-            "curve": curve([r for r in lines if r["kind"] == "train"])}
+            "curve": curve(steps)}
 
 
 def _command(argv: list[str]) -> str:
@@ -88,7 +93,7 @@ def main() -> None:
     rec = record(args.run_dir, args.what, args.command)
     write(args.out_json, rec)
     final = rec["final"] or {}
-    print(f"wrote {args.out_json}: {rec['steps']} steps in {rec['wall_s']:.0f} s, box AP50 "
+    print(f"wrote {args.out_json}: {rec['steps']} steps, {rec['train_s']:.0f} s of training steps, box AP50 "
           f"{final.get('box_AP50', float('nan')):.3f}, mask AP50 {final.get('mask_AP50', float('nan')):.3f}")
 
 
