@@ -142,9 +142,7 @@ def _propose(net: model_lib.MaskRCNN, features: list[Tensor], objectness: list[T
 
 def _before_nms(rpn_out: dict, k: int, size: tuple[int, int]) -> dict:
     """What ``select_proposals`` hands to NMS: the top ``k`` decoded anchors of each level, clipped."""
-    starts = itertools.accumulate(rpn_out["per_level"][:-1], initial=0)
-    top = torch.cat([level.topk(min(k, len(level))).indices + start                  # [K]
-                     for level, start in zip(rpn_out["logits"].split(rpn_out["per_level"]), starts)])
+    top = rpn.top_per_level(rpn_out["logits"][None], rpn_out["per_level"], k)[0][0]  # [K]
     return {"boxes": boxes.clip_boxes_to_image(rpn_out["decoded"][top], size), "scores": rpn_out["logits"][top].sigmoid()}
 
 

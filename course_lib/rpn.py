@@ -19,7 +19,7 @@ Dimension letters: ``N`` images, ``A`` anchors per location, ``R`` anchors of on
 levels, ``G`` ground-truth boxes, ``P`` proposals. Boxes are xyxy image pixels.
 
 Public names: ``RPNHead``, ``RegionProposalNetwork``, ``flatten_predictions``,
-``rpn_loss``, ``select_proposals``, ``level_anchor_sizes``. Numbers equal torchvision's
+``rpn_loss``, ``top_per_level``, ``select_proposals``, ``level_anchor_sizes``. Numbers equal torchvision's
 ``models.detection.rpn`` (``tests/test_rpn.py``).
 """
 from __future__ import annotations
@@ -122,6 +122,18 @@ def rpn_loss(objectness: Tensor, deltas: Tensor, labels: list[Tensor], regressio
     return objectness_loss, box_loss
 
 
+def top_per_level(objectness: Tensor, num_anchors_per_level: list[int], k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` best-scored anchors of each level: ``(indices Tensor[N, K] into the R rows, level
+    Tensor[K] of each)``, K the sum of ``min(k, anchors of the level)``; ``objectness`` is ``Tensor[N, R]``."""
+    top_idx, levels, offset = [], [], 0
+    for level, scores in enumerate(objectness.split(num_anchors_per_level, dim=1)):
+        n = min(k, scores.shape[1])
+        top_idx.append(scores.topk(n, dim=1).indices + offset)  # [N, n]
+        levels.append(torch.full((n,), level, dtype=torch.int64, device=objectness.device))
+        offset += scores.shape[1]
+    return torch.cat(top_idx, dim=1), torch.cat(levels)
+
+
 def select_proposals(proposals: Tensor, objectness: Tensor, image_sizes: list[tuple[int, int]],
                      num_anchors_per_level: list[int], pre_nms_top_n: int, post_nms_top_n: int,
                      nms_thresh: float, min_size: float = MIN_SIZE) -> tuple[list[Tensor], list[Tensor]]:
@@ -140,13 +152,7 @@ def select_proposals(proposals: Tensor, objectness: Tensor, image_sizes: list[tu
         ``(boxes, scores)``: per image ``Tensor[P, 4]`` and ``Tensor[P]`` objectness
         probabilities, best first, ``P <= post_nms_top_n``.
     """
-    top_idx, levels, offset = [], [], 0
-    for level, scores in enumerate(objectness.split(num_anchors_per_level, dim=1)):
-        k = min(pre_nms_top_n, scores.shape[1])
-        top_idx.append(scores.topk(k, dim=1).indices + offset)  # [N, k]
-        levels.append(torch.full((k,), level, dtype=torch.int64, device=objectness.device))
-        offset += scores.shape[1]
-    top_idx, levels = torch.cat(top_idx, dim=1), torch.cat(levels)  # [N, K], [K]
+    top_idx, levels = top_per_level(objectness, num_anchors_per_level, pre_nms_top_n)  # [N, K], [K]
     batch_idx = torch.arange(proposals.shape[0], device=proposals.device)[:, None]
     proposals, probs = proposals[batch_idx, top_idx], torch.sigmoid(objectness[batch_idx, top_idx])
     final_boxes, final_scores = [], []
