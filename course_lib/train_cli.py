@@ -39,6 +39,9 @@ from course_lib import data, distributed, model, presets, train, utils
 from course_lib.config import RunConfig
 
 
+CLI_FILES = ("run.json", "summary.json", "split.json")  # what a run writes beside ``train.RUN_FILES``
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m course_lib.train",
                                      description="Train the course's Mask R-CNN from a preset run and flags.")
@@ -54,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-on-train", action="store_true", default=None,
                         help="coco: evaluate on the training images themselves (no held-out split; the AP "
                              "then measures memory, not detection)")
-    parser.add_argument("--image-size", type=int, help="shapes: side; coco: longest side (px)")
+    parser.add_argument("--image-size", type=int, help="shapes: side; coco: longest side (px); the preset's anchors stay")
     parser.add_argument("--batch-size", type=int, help="images per step over all processes")
     parser.add_argument("--steps", type=int, help="total SGD steps")
     parser.add_argument("--backbone", choices=("tiny", "resnet50"))
@@ -202,6 +205,8 @@ def run_training(run: RunConfig, out: str | Path, resume: bool = False, overwrit
     net = model.MaskRCNN(dataclasses.replace(run.model, num_classes=num_classes))
     train.prepare_out(out, resume, overwrite)
     if distributed.is_main():
+        for name in CLI_FILES if overwrite and not resume else ():  # the old run's, or they would outlive it
+            (out / name).unlink(missing_ok=True)
         if resume and not (out / "last.pt").exists():
             print(f"--resume: no checkpoint last.pt in {out.name}/ yet, so a new run starts")
         if run.data == "coco":
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     try:
         run = make_run(args)
+        if run.image_size != presets.PRESETS[args.config]().image_size and distributed.is_main():
+            print(size_note(args.config, run))
         _, history = run_training(run, out_dir(args), resume=args.resume,
                                   overwrite=args.overwrite, stop_at=args.stop_at, progress=not args.no_progress)
         is_main = distributed.is_main()
@@ -246,6 +253,15 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main:
         print(_final_line(history))
     return history
+
+
+def size_note(config: str, run: RunConfig) -> str:
+    """What ``--image-size`` leaves as it was: the preset's anchors and FPN level mapping, in px."""
+    sizes = run.model.anchor_sizes
+    return (f"note: --image-size {run.image_size} px keeps the {config} preset's anchors ({min(sizes)}-{max(sizes)} px) "
+            f"and canonical RoI size ({run.model.canonical_size} px), chosen for its "
+            f"{presets.PRESETS[config]().image_size} px images; to scale them with the image, build the config in "
+            "Python (e.g. presets.gpu_config(image_size))")
 
 
 def _one_line(error: Exception) -> str:

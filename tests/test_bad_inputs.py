@@ -256,6 +256,20 @@ def test_command_line_refuses_an_out_that_is_a_file(tmp_path):
     assert (tmp_path / "a_file").read_text() == "keep me"
 
 
+def test_overwrite_removes_the_old_runs_summary_before_training(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _cli(out)
+    assert (out / "summary.json").exists()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the new run stops before it writes anything of its own
+
+    monkeypatch.setattr(train_cli.train, "fit", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _cli(out, "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]  # no summary, checkpoint or metrics of the old run
+
+
 def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path):
     out = tmp_path / "run"
     _cli(out)
@@ -267,5 +281,15 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path):
     assert (out / "last.pt").read_bytes() == first                         # the old run is untouched
     history = _cli(out, "--overwrite", "--steps", "2")
     assert [h["step"] for h in history["train"]] == [1, 2]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "train"] == [1, 2]
+
+
+def test_image_size_flag_says_the_presets_anchors_stay(tmp_path, capsys):
+    _cli(tmp_path / "run", "--image-size", "48")
+    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note:"))
+    assert note.startswith("note: --image-size 48 px keeps the quick preset's anchors (")
+    assert "chosen for its 64 px images" in note
+    _cli(tmp_path / "same", "--image-size", "64")   # the preset's own size: nothing to say
+    assert "note:" not in capsys.readouterr().out
