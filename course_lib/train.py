@@ -214,9 +214,10 @@ def _after_step(done: int, run: dict, model, optimizer, scheduler, scaler, histo
         checkpoints.save_checkpoint(out / "best.pt", model, optimizer, scheduler, done, history, extra)
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+def prepare_out(out: Path, resume: bool, overwrite: bool, also_remove: tuple[str, ...] = ()) -> None:
     """Make the run folder ``out``; refuse to write a new run over an old one (its checkpoints would
-    be lost) unless ``resume`` or ``overwrite`` (which deletes the old run's files)."""
+    be lost) unless ``resume`` or ``overwrite`` (which deletes the old run's files, and the files
+    ``also_remove`` names that a caller writes beside them, so none outlives the run it describes)."""
     found = [name for name in RUN_FILES if (out / name).exists()]
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} is a file; give a folder for the run's checkpoints and metrics")
@@ -224,8 +225,9 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
         raise ValueError(f"{str(out)!r} already holds a run ({', '.join(found)}): resume it (resume=True, "
                          "--resume) or replace it (overwrite=True, --overwrite), or choose another folder")
     if distributed.is_main():
-        for name in found if overwrite and not resume else ():
-            (out / name).unlink()
+        if overwrite and not resume:
+            for name in found + [n for n in also_remove if (out / n).exists()]:
+                (out / name).unlink()
         out.mkdir(parents=True, exist_ok=True)
 
 

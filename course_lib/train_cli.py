@@ -203,10 +203,8 @@ def run_training(run: RunConfig, out: str | Path, resume: bool = False, overwrit
     num_classes = len(getattr(train_set, "classes", data.CLASSES)) + 1
     utils.seed_everything(run.train.seed)
     net = model.MaskRCNN(dataclasses.replace(run.model, num_classes=num_classes))
-    train.prepare_out(out, resume, overwrite)
+    train.prepare_out(out, resume, overwrite, also_remove=CLI_FILES)
     if distributed.is_main():
-        for name in CLI_FILES if overwrite and not resume else ():  # the old run's, or they would outlive it
-            (out / name).unlink(missing_ok=True)
         if resume and not (out / "last.pt").exists():
             print(f"--resume: no checkpoint last.pt in {out.name}/ yet, so a new run starts")
         if run.data == "coco":
@@ -241,8 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     try:
         run = make_run(args)
-        if run.image_size != presets.PRESETS[args.config]().image_size and distributed.is_main():
-            print(size_note(args.config, run))
+        preset_size = presets.PRESETS[args.config]().image_size
+        if run.image_size != preset_size and distributed.is_main():
+            print(size_note(args.config, run, preset_size))
         _, history = run_training(run, out_dir(args), resume=args.resume,
                                   overwrite=args.overwrite, stop_at=args.stop_at, progress=not args.no_progress)
         is_main = distributed.is_main()
@@ -255,12 +254,12 @@ def main(argv: list[str] | None = None) -> dict:
     return history
 
 
-def size_note(config: str, run: RunConfig) -> str:
+def size_note(config: str, run: RunConfig, preset_size: int) -> str:
     """What ``--image-size`` leaves as it was: the preset's anchors and FPN level mapping, in px."""
     sizes = run.model.anchor_sizes
     return (f"note: --image-size {run.image_size} px keeps the {config} preset's anchors ({min(sizes)}-{max(sizes)} px) "
             f"and canonical RoI size ({run.model.canonical_size} px), chosen for its "
-            f"{presets.PRESETS[config]().image_size} px images; to scale them with the image, build the config in "
+            f"{preset_size} px images; to scale them with the image, build the config in "
             "Python (e.g. presets.gpu_config(image_size))")
 
 
