@@ -224,11 +224,13 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, also_remove: tuple[str
     if found and not resume and not overwrite:
         raise ValueError(f"{str(out)!r} already holds a run ({', '.join(found)}): resume it (resume=True, "
                          "--resume) or replace it (overwrite=True, --overwrite), or choose another folder")
+    distributed.barrier()  # every rank has looked before rank 0 changes the folder (or writes the new run's files)
     if distributed.is_main():
         if overwrite and not resume:
             for name in found + [n for n in also_remove if (out / n).exists()]:
                 (out / name).unlink()
         out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()  # ... and none goes on before the folder is ready
 
 
 def _run_record(model: nn.Module, config: TrainConfig, run_settings: dict | None) -> dict:

@@ -2,6 +2,7 @@
 import dataclasses
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -70,6 +71,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, params_dir: str) -> 
     torch.set_num_threads(1)
     run = presets.quick_run()
     run = dataclasses.replace(run, train=dataclasses.replace(run.train, steps=2, eval_every=0, checkpoint_every=1))
+    if rank == 1:  # the slower rank: it must not find rank 0's new files and take them for an old run
+        make_datasets = train_cli.make_datasets
+        train_cli.make_datasets = lambda run: (time.sleep(2.0), make_datasets(run))[1]
     try:
         net, _ = train_cli.run_training(run, out, progress=False)
         params = {name: p.detach() for name, p in net.named_parameters()}
