@@ -17,14 +17,15 @@ Command line (``--device cuda`` and ``--jobs N`` run many small runs at once on 
 The output file is rewritten atomically after every run, so a stopped grid resumes where it was:
 finished runs (status "ok" or "failed") are skipped on the next call. A run that raises is recorded
 with status "failed" and its error, and the grid goes on. A file written with other ``Settings``
-is refused rather than mixed.
+is refused rather than mixed; when only the schedule grows, ``--reuse OLD.json`` keeps the old
+file's runs of the new grid's lengths (``reusable``: a run depends on its own steps, not the base).
 
 Object sizes: pycocotools' APs/APm/APl use COCO's fixed area ranges (32^2 and 96^2 px^2), made for
 COCO images of about 640 px. Each record also carries ``APs``/``APm``/``APl`` with the ranges scaled
 by (image_size / 640)^2 (``scaled_area_ranges``), under ``box_scaled`` and ``mask_scaled``.
 
 Public names: ``PAPER_TABLE2``, ``PAPER_ROW``, ``COCO_OBJECTS``, ``ablation_grid``, ``Settings``,
-``datasets``, ``train_variant``, ``run_one``, ``plan``, ``run_grid``, ``scaled_area_ranges``,
+``datasets``, ``train_variant``, ``run_one``, ``reusable``, ``plan``, ``run_grid``, ``scaled_area_ranges``,
 ``scaled_area_metrics``, ``summarize``, ``paired_gap``, ``plateau``, ``load_records``,
 ``save_records``, ``main``.
 """
@@ -227,6 +228,32 @@ def _run_record(name: str, changes: dict, seed: int, factor: float, settings: Se
     return record
 
 
+def reusable(paths: list[str | Path], settings: Settings) -> list[dict]:
+    """The finished runs in other results files that this grid would make itself, as its records.
+
+    A run depends on the settings and its own number of steps, not on the grid's base: a 3,200-step
+    grid's runs 1.5x as long (4,800 steps) are a 4,800-step grid's runs. So when the schedule grows,
+    runs with as many steps as this grid's runs or its longer runs are kept (``steps_factor`` set to
+    match). Raises ``ValueError`` for a file whose settings differ in anything but the steps.
+    """
+    def without_steps(values: dict) -> dict:
+        return {**values, "train": {k: v for k, v in values.get("train", {}).items() if k != "steps"}}
+
+    wanted = json.loads(json.dumps(dataclasses.asdict(settings)))
+    factors = {round(settings.train.steps * f): f for f in (1.0, settings.plateau_factor)}
+    kept = []
+    for path in paths:
+        content = _load(Path(path))
+        if not content:
+            raise FileNotFoundError(f"--reuse {path}: no such results file")
+        if without_steps(content.get("settings", {})) != without_steps(wanted):
+            raise ValueError(f"--reuse {path}: its runs were made with other settings than the steps "
+                             f"({content.get('settings')}); only a grid that differs in its steps can reuse them")
+        kept += [{**r, "steps_factor": factors[r["steps"]]} for r in content["runs"]
+                 if r.get("status") == "ok" and r.get("steps") in factors]
+    return kept
+
+
 def plan(grid: dict[str, dict], seeds: tuple[int, ...], plateau_seeds: tuple[int, ...] = (0,),
          settings: Settings = Settings()) -> list[tuple[str, int, float]]:
     """The grid's runs ``(variant, seed, steps_factor)``, seed-major (a grid stopped early has every
@@ -237,8 +264,10 @@ def plan(grid: dict[str, dict], seeds: tuple[int, ...], plateau_seeds: tuple[int
 
 def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0, 1, 2),
              settings: Settings = Settings(), command: str = "", progress: bool = True, jobs: int = 1,
-             threads: int | None = None, plateau_seeds: tuple[int, ...] = (0,), device: str | None = None) -> list[dict]:
-    """Run every ``plan`` entry not already in ``out``; return all records.
+             threads: int | None = None, plateau_seeds: tuple[int, ...] = (0,), device: str | None = None,
+             reuse: list[dict] = ()) -> list[dict]:
+    """Run every ``plan`` entry not already in ``out`` (or in ``reuse``, records from ``reusable``,
+    which join the file); return all records.
 
     ``jobs`` > 1 runs that many cells at once in worker processes with ``threads`` torch threads each
     (on a 2-core CPU, 2 jobs x 1 thread finish a grid sooner than 1 job x 2 threads). The file is
@@ -251,10 +280,18 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
     if records and previous.get("settings") != json.loads(json.dumps(dataclasses.asdict(settings))):
         raise ValueError(f"{out} holds runs with settings={previous.get('settings')}, not "
                          f"{dataclasses.asdict(settings)}; use another --out to change settings")
+    planned = plan(grid, seeds, plateau_seeds, settings)
     done = {(r["variant"], r["seed"], r.get("steps_factor", 1.0)) for r in records}
-    todo = [run for run in plan(grid, seeds, plateau_seeds, settings) if run not in done]
+    for record in reuse:
+        key = (record["variant"], record["seed"], record["steps_factor"])
+        if key in planned and key not in done:
+            records.append(record)
+            done.add(key)
+    todo = [run for run in planned if run not in done]
     header = {"command": command or previous.get("command", ""), "settings": dataclasses.asdict(settings),
               "area_ranges_scaled": scaled_area_ranges(settings.image_size), "machine": utils.machine_info()}
+    if reuse and records:
+        save_records(out, records, header)
     args = [(name, grid[name], seed, factor, settings, threads, device) for name, seed, factor in todo]
     parallel = jobs > 1 and len(args) > 1
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if parallel \
@@ -328,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
     parser.add_argument("--device", choices=utils.DEVICES, default=None, help="where to train (default: the CPU)")
     parser.add_argument("--variants", nargs="*", default=None, help="only these variants")
+    parser.add_argument("--reuse", nargs="+", default=(), metavar="FILE",
+                        help="results files of the same settings but other steps: keep their runs of this grid's lengths")
     args = parser.parse_args(argv)
     for flag in ("seeds", "steps", "num_val", "jobs"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -346,8 +385,13 @@ def main(argv: list[str] | None = None) -> None:
         grid = {name: grid[name] for name in args.variants}
     device = None if args.device is None else str(utils.device(args.device, verbose=False))
     command = "python -m course_lib.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
+    try:
+        reuse = reusable(args.reuse, settings)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
     records = run_grid(grid, args.out, tuple(range(args.seeds)), settings, command, jobs=args.jobs,
-                       threads=args.threads, plateau_seeds=tuple(range(args.plateau_seeds)), device=device)
+                       threads=args.threads, plateau_seeds=tuple(range(args.plateau_seeds)), device=device,
+                       reuse=reuse)
     failed = [r for r in records if r["status"] == "failed"]
     print(f"{len(records)} runs in {args.out}, {len(failed)} failed")
 

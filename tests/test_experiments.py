@@ -162,3 +162,37 @@ def test_parallel_jobs_give_the_same_records(tmp_path):
         assert twin["final_loss"] == record["final_loss"]
         assert twin["box"] == record["box"] and twin["mask"] == record["mask"] and twin["curve"] == record["curve"]
     assert len(json.loads((tmp_path / "parallel.json").read_text())["runs"]) == 2
+
+
+def test_a_longer_schedule_reuses_the_runs_it_would_make(tmp_path, monkeypatch):
+    old, new = tmp_path / "steps4.json", tmp_path / "steps6.json"
+    experiments.run_grid({"v": {}}, old, seeds=(0, 1), settings=TINY, progress=False, plateau_seeds=(0,))
+    longer = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, steps=6))   # its longer runs: 9 steps
+    kept = experiments.reusable([old], longer)
+    assert [(r["seed"], r["steps"], r["steps_factor"]) for r in kept] == [(0, 6, 1.0)]  # the old 1.5x run
+    fresh = experiments.run_grid({"v": {}}, tmp_path / "fresh.json", seeds=(0,), settings=longer, progress=False,
+                                 plateau_seeds=())
+    assert kept[0]["mask"] == fresh[0]["mask"] and kept[0]["curve"] == fresh[0]["curve"]  # the very run it makes
+
+    calls = []
+    monkeypatch.setattr(experiments, "run_one", lambda changes, seed, settings, factor=1.0, device=None:
+                        calls.append((seed, factor)) or {"box": {}, "mask": None})
+    records = experiments.run_grid({"v": {}}, new, seeds=(0, 1), settings=longer, progress=False,
+                                   plateau_seeds=(0,), reuse=kept)
+    assert calls == [(1, 1.0), (0, 1.5)]                                     # seed 0 at 6 steps is not redone
+    assert sorted((r["seed"], r["steps"]) for r in records) == [(0, 6), (0, 9), (1, 6)]
+    assert len(json.loads(new.read_text())["runs"]) == 3
+
+    other = dataclasses.replace(longer, image_size=TINY.image_size + 8)
+    with pytest.raises(ValueError, match="other settings than the steps"):
+        experiments.reusable([old], other)
+    with pytest.raises(FileNotFoundError, match="no such results file"):
+        experiments.reusable([tmp_path / "missing.json"], longer)
+
+
+def test_command_line_names_a_file_it_cannot_reuse(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        experiments.main(["ablations", "--quick", "--out", str(tmp_path / "new.json"),
+                          "--reuse", str(tmp_path / "missing.json")])
+    assert exit_.value.code == 2 and "missing.json: no such results file" in capsys.readouterr().err
+    assert not (tmp_path / "new.json").exists()
