@@ -228,6 +228,11 @@ def _run_record(name: str, changes: dict, seed: int, factor: float, settings: Se
     return record
 
 
+def _as_json(settings: Settings) -> dict:
+    """``settings`` as a results file stores them (tuples become lists), to compare with one."""
+    return json.loads(json.dumps(dataclasses.asdict(settings)))
+
+
 def reusable(paths: list[str | Path], settings: Settings) -> list[dict]:
     """The finished runs in other results files that this grid would make itself, as its records.
 
@@ -239,7 +244,7 @@ def reusable(paths: list[str | Path], settings: Settings) -> list[dict]:
     def without_steps(values: dict) -> dict:
         return {**values, "train": {k: v for k, v in values.get("train", {}).items() if k != "steps"}}
 
-    wanted = json.loads(json.dumps(dataclasses.asdict(settings)))
+    wanted = _as_json(settings)
     factors = {round(settings.train.steps * f): f for f in (1.0, settings.plateau_factor)}
     kept = []
     for path in paths:
@@ -277,20 +282,22 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
     out = Path(out)
     previous = _load(out)
     records = previous.get("runs", [])
-    if records and previous.get("settings") != json.loads(json.dumps(dataclasses.asdict(settings))):
+    if records and previous.get("settings") != _as_json(settings):
         raise ValueError(f"{out} holds runs with settings={previous.get('settings')}, not "
                          f"{dataclasses.asdict(settings)}; use another --out to change settings")
     planned = plan(grid, seeds, plateau_seeds, settings)
     done = {(r["variant"], r["seed"], r.get("steps_factor", 1.0)) for r in records}
+    adopted = []
     for record in reuse:
         key = (record["variant"], record["seed"], record["steps_factor"])
         if key in planned and key not in done:
-            records.append(record)
+            adopted.append(record)
             done.add(key)
+    records += adopted
     todo = [run for run in planned if run not in done]
     header = {"command": command or previous.get("command", ""), "settings": dataclasses.asdict(settings),
               "area_ranges_scaled": scaled_area_ranges(settings.image_size), "machine": utils.machine_info()}
-    if reuse and records:
+    if adopted:
         save_records(out, records, header)
     args = [(name, grid[name], seed, factor, settings, threads, device) for name, seed, factor in todo]
     parallel = jobs > 1 and len(args) > 1
