@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-val", type=int, default=None, help="validation images")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate decay")
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="SGD (the paper) or Adam")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (1 is fastest on a busy CPU)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
     parser.add_argument("--device", choices=utils.DEVICES, default=None, help="where to train (default: the CPU)")
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')}={getattr(args, flag)}; expected an int >= 1")
     settings = Settings.quick() if args.quick else Settings()
-    fit_flags = {"steps": args.steps, "lr": args.lr, "schedule": args.schedule}
+    fit_flags = {"steps": args.steps, "lr": args.lr, "schedule": args.schedule, "optimizer": args.optimizer}
     settings = dataclasses.replace(settings, train=dataclasses.replace(
         settings.train, **{k: v for k, v in fit_flags.items() if v is not None}))
     if args.num_val is not None:
