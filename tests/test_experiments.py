@@ -196,3 +196,15 @@ def test_command_line_names_a_file_it_cannot_reuse(tmp_path, capsys):
                           "--reuse", str(tmp_path / "missing.json")])
     assert exit_.value.code == 2 and "missing.json: no such results file" in capsys.readouterr().err
     assert not (tmp_path / "new.json").exists()
+
+
+def test_command_line_training_flags_reach_the_recorded_settings(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(experiments, "run_one", lambda changes, seed, settings, factor=1.0, device=None:
+                        seen.append(settings.train) or {"box": {}, "mask": None})
+    out = tmp_path / "adam.json"
+    experiments.main(["ablations", "--quick", "--out", str(out), "--seeds", "1", "--plateau-seeds", "0",
+                      "--variants", "s16-roi_align", "--optimizer", "adam", "--lr", "0.001", "--schedule", "cosine"])
+    assert [(t.optimizer, t.lr, t.schedule) for t in seen] == [("adam", 0.001, "cosine")]
+    recorded = json.loads(out.read_text())["settings"]["train"]
+    assert (recorded["optimizer"], recorded["lr"], recorded["schedule"]) == ("adam", 0.001, "cosine")
