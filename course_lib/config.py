@@ -23,6 +23,7 @@ POOLERS = ("roi_align", "roi_align_max", "roi_warp", "roi_pool")
 MASK_LOSSES = ("sigmoid", "softmax", "sigmoid_agnostic")
 SOFTMAX_RULES = ("probability", "argmax")
 SCHEDULES = ("cosine", "onecycle", "constant")
+OPTIMIZERS = ("sgd", "adam")   # the paper's SGD, or Adam (the refiner, as the released code)
 BACKBONES = ("tiny", "resnet50", "bottleneck")
 
 
@@ -179,7 +180,7 @@ class TrainConfig:
     SPEED_FIELDS = ("eval_every", "checkpoint_every", "amp", "channels_last", "workers", "compile")
 
     def __post_init__(self):
-        _check_choices(self, {"schedule": SCHEDULES, "optimizer": ("sgd", "adam"),
+        _check_choices(self, {"schedule": SCHEDULES, "optimizer": OPTIMIZERS,
                               "stage": ("detector", "refiner")})
         for field in ("steps", "batch_size"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:

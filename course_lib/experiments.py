@@ -47,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from course_lib import data, evaluate, model, presets, train, utils
-from course_lib.config import SCHEDULES, TrainConfig
+from course_lib.config import OPTIMIZERS, SCHEDULES, TrainConfig
 
 SIZE_METRICS = ("APs", "APm", "APl")
 COCO_IMAGE_SIZE = 640     # px, the long side of a typical COCO image, where 32^2 / 96^2 were set
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-val", type=int, default=None, help="validation images")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate decay")
-    parser.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="SGD (the paper) or Adam")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="SGD (the paper) or Adam")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (1 is fastest on a busy CPU)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
     parser.add_argument("--device", choices=utils.DEVICES, default=None, help="where to train (default: the CPU)")
