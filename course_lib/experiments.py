@@ -15,7 +15,8 @@ Command line (``--device cuda`` and ``--jobs N`` run many small runs at once on 
     python -m course_lib.experiments ablations --out data/results/ablations.json [--quick] [--jobs 2]
 
 The output file is rewritten atomically after every run, so a stopped grid resumes where it was:
-finished runs (status "ok" or "failed") are skipped on the next call. A run that raises is recorded
+finished runs (status "ok" or "failed") are skipped on the next call, and a run stopped midway goes
+on from its last checkpoint (``--checkpoints``, every 200 steps). A run that raises is recorded
 with status "failed" and its error, and the grid goes on. A file written with other ``Settings``
 is refused rather than mixed; when only the schedule grows, ``--reuse OLD.json`` keeps the old
 file's runs of the new grid's lengths (``reusable``: a run depends on its own steps, not the base).
@@ -37,6 +38,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import shutil
 import sys
 import time
 import traceback
@@ -46,10 +48,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from course_lib import data, evaluate, model, presets, train, utils
+from course_lib import checkpoints, data, evaluate, model, presets, train, utils
 from course_lib.config import OPTIMIZERS, SCHEDULES, TrainConfig
 
 SIZE_METRICS = ("APs", "APm", "APl")
+CHECKPOINT_EVERY = 200    # steps between a grid run's checkpoints: a stopped run loses at most this many
 COCO_IMAGE_SIZE = 640     # px, the long side of a typical COCO image, where 32^2 / 96^2 were set
 
 # He et al. 2017, Table 2 (COCO minival, ResNet-50, AP / AP50 / AP75 in %): quoted, not measured.
@@ -143,18 +146,28 @@ def _base(settings: Settings) -> model.ModelConfig:
 
 
 def train_variant(changes: dict, seed: int, settings: Settings, steps_factor: float = 1.0,
-                  device: str | torch.device | None = None) -> tuple[model.MaskRCNN, dict, float]:
+                  device: str | torch.device | None = None, run_dir: str | Path | None = None,
+                  stop_at: int | None = None) -> tuple[model.MaskRCNN, dict, float, int]:
     """Train one variant with one seed, as the grid does: ``(model in eval mode, train.fit's history,
-    seconds)``; the history's ``eval`` holds the learning curve on the validation set."""
+    seconds, the step it resumed from)``; the history's ``eval`` holds the learning curve on the
+    validation set.
+
+    ``run_dir``: a folder for the run's checkpoints (every ``CHECKPOINT_EVERY`` steps), so a run
+    stopped midway (a session's end) goes on from its last checkpoint, bit for bit, when called
+    again. ``stop_at`` leaves after that step with a checkpoint, as if stopped (``train.fit``).
+    """
     steps = round(settings.train.steps * steps_factor)
-    config = dataclasses.replace(settings.train, steps=steps, seed=seed,
+    config = dataclasses.replace(settings.train, steps=steps, seed=seed, checkpoint_every=CHECKPOINT_EVERY,
                                  eval_every=max(1, steps // settings.curve_points))
     utils.seed_everything(seed)  # the model's initial weights depend on the seed
     net = model.MaskRCNN(dataclasses.replace(_base(settings), **changes))
     train_set, val_set = datasets(settings)
+    last = Path(run_dir) / "last.pt" if run_dir is not None else None
+    start = checkpoints.read_checkpoint(last)["step"] if last is not None and last.exists() else 0
     tick = time.perf_counter()
-    history = train.fit(net, train_set, config, val_dataset=val_set, device=device, progress=False)
-    return net.eval(), history, time.perf_counter() - tick
+    history = train.fit(net, train_set, config, val_dataset=val_set, device=device, progress=False, out=run_dir,
+                        resume=True, stop_at=stop_at, run_settings=_as_json(settings))
+    return net.eval(), history, time.perf_counter() - tick, start
 
 
 def scaled_area_ranges(image_size: int) -> dict[str, tuple[float, float]]:
@@ -200,9 +213,14 @@ def _evaluate(net: model.MaskRCNN, val_set, settings: Settings) -> dict:
 
 
 def run_one(changes: dict, seed: int, settings: Settings, steps_factor: float = 1.0,
-            device: str | torch.device | None = None) -> dict:
-    """Train one variant with one seed and evaluate it: config, curve, final metrics, wall times."""
-    net, history, wall = train_variant(changes, seed, settings, steps_factor, device)
+            device: str | torch.device | None = None, run_dir: str | Path | None = None) -> dict:
+    """Train one variant with one seed and evaluate it: config, curve, final metrics, wall times.
+
+    A run resumed from ``run_dir`` (``train_variant``) records the step it resumed from; its wall
+    time is this call's plus the restored steps' training time (their evaluations are not counted).
+    """
+    net, history, wall, start = train_variant(changes, seed, settings, steps_factor, device, run_dir)
+    wall += sum(h["time"] for h in history["train"][:start])
     tick = time.perf_counter()
     metrics = _evaluate(net, datasets(settings)[1], settings)
     last = history["train"][-20:]
@@ -210,19 +228,23 @@ def run_one(changes: dict, seed: int, settings: Settings, steps_factor: float = 
               **({f"mask_{m}": e["segm"][m] for m in ("AP", "AP50", "AP75")} if "segm" in e else {})}
              for e in history["eval"]]
     return {"config": dataclasses.asdict(net.config), "wall_time_s": round(wall, 1),
-            "eval_time_s": round(time.perf_counter() - tick, 1), "curve": curve,
+            "eval_time_s": round(time.perf_counter() - tick, 1), "resumed_from_step": start, "curve": curve,
             "final_loss": round(sum(h["loss"] for h in last) / len(last), 4), **metrics}
 
 
+def _run_dir(checkpoints_dir: Path | None, name: str, seed: int, factor: float) -> Path | None:
+    return None if checkpoints_dir is None else Path(checkpoints_dir) / f"{name}-seed{seed}-x{factor:g}"
+
+
 def _run_record(name: str, changes: dict, seed: int, factor: float, settings: Settings, threads: int | None,
-                device: str | None) -> dict:
+                device: str | None, run_dir: Path | None) -> dict:
     """One grid cell as a record; a run that raises is recorded as failed (the grid goes on)."""
     if threads is not None:
         torch.set_num_threads(threads)
     record = {"variant": name, "changes": changes, "seed": seed, "steps_factor": factor,
               "steps": round(settings.train.steps * factor), "machine": utils.machine_info()}
     try:
-        record.update(status="ok", **run_one(changes, seed, settings, factor, device))
+        record.update(status="ok", **run_one(changes, seed, settings, factor, device, run_dir))
     except Exception as err:  # a broken variant must not cost the others
         record.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=5))
     return record
@@ -270,13 +292,15 @@ def plan(grid: dict[str, dict], seeds: tuple[int, ...], plateau_seeds: tuple[int
 def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0, 1, 2),
              settings: Settings = Settings(), command: str = "", progress: bool = True, jobs: int = 1,
              threads: int | None = None, plateau_seeds: tuple[int, ...] = (0,), device: str | None = None,
-             reuse: list[dict] = ()) -> list[dict]:
+             reuse: list[dict] = (), checkpoints_dir: str | Path | None = None) -> list[dict]:
     """Run every ``plan`` entry not already in ``out`` (or in ``reuse``, records from ``reusable``,
     which join the file); return all records.
 
     ``jobs`` > 1 runs that many cells at once in worker processes with ``threads`` torch threads each
     (on a 2-core CPU, 2 jobs x 1 thread finish a grid sooner than 1 job x 2 threads). The file is
     rewritten after every finished run, in any order, so a stopped grid resumes without redoing them.
+    With ``checkpoints_dir``, each run also checkpoints into its own folder there, so a run stopped
+    midway resumes from its last checkpoint; the folder is deleted once the run's record is saved.
     Raises ``ValueError`` when ``out`` holds runs made with other ``settings``.
     """
     out = Path(out)
@@ -299,7 +323,8 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
               "area_ranges_scaled": scaled_area_ranges(settings.image_size), "machine": utils.machine_info()}
     if adopted:
         save_records(out, records, header)
-    args = [(name, grid[name], seed, factor, settings, threads, device) for name, seed, factor in todo]
+    args = [(name, grid[name], seed, factor, settings, threads, device, _run_dir(checkpoints_dir, name, seed, factor))
+            for name, seed, factor in todo]
     parallel = jobs > 1 and len(args) > 1
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if parallel \
             else contextlib.nullcontext() as pool, tqdm(total=len(todo), desc="grid", disable=not progress) as bar:
@@ -310,6 +335,9 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
         for record in results:
             records.append(record)
             save_records(out, records, header)
+            run_dir = _run_dir(checkpoints_dir, record["variant"], record["seed"], record["steps_factor"])
+            if run_dir is not None and record["status"] == "ok":
+                shutil.rmtree(run_dir, ignore_errors=True)   # its record holds what it measured
             bar.update()
     return records
 
@@ -373,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
     parser.add_argument("--device", choices=utils.DEVICES, default=None, help="where to train (default: the CPU)")
     parser.add_argument("--variants", nargs="*", default=None, help="only these variants")
+    parser.add_argument("--checkpoints", default=None, metavar="DIR",
+                        help="where runs checkpoint, to resume midway (default: runs/grid/<the --out file's name>)")
     parser.add_argument("--reuse", nargs="+", default=(), metavar="FILE",
                         help="results files of the same settings but other steps: keep their runs of this grid's lengths")
     args = parser.parse_args(argv)
@@ -399,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     records = run_grid(grid, args.out, tuple(range(args.seeds)), settings, command, jobs=args.jobs,
                        threads=args.threads, plateau_seeds=tuple(range(args.plateau_seeds)), device=device,
-                       reuse=reuse)
+                       reuse=reuse, checkpoints_dir=args.checkpoints or Path("runs/grid") / Path(args.out).stem)
     failed = [r for r in records if r["status"] == "failed"]
     print(f"{len(records)} runs in {args.out}, {len(failed)} failed")
 

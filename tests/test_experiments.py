@@ -59,12 +59,34 @@ def test_records_curves_resume_and_failure(tmp_path, monkeypatch):
 def test_resume_runs_only_missing_seeds_and_plateau_runs(tmp_path, monkeypatch):
     out = tmp_path / "results.json"
     calls = []
-    monkeypatch.setattr(experiments, "run_one", lambda changes, seed, settings, factor=1.0, device=None:
+    monkeypatch.setattr(experiments, "run_one", lambda changes, seed, settings, factor=1.0, device=None, run_dir=None:
                         calls.append((seed, factor)) or {"box": {}, "mask": None})
     experiments.run_grid({"v": {}}, out, seeds=(0,), settings=TINY, progress=False, plateau_seeds=())
     experiments.run_grid({"v": {}}, out, seeds=(0, 1, 2), settings=TINY, progress=False, plateau_seeds=(0,))
     assert calls == [(0, 1.0), (1, 1.0), (2, 1.0), (0, 1.5)]
     assert [(r["seed"], r["steps"]) for r in json.loads(out.read_text())["runs"]] == [(0, 4), (1, 4), (2, 4), (0, 6)]
+
+
+def test_a_run_stopped_midway_resumes_from_its_checkpoint(tmp_path):
+    """A session that ends mid-run costs at most CHECKPOINT_EVERY steps: the next call goes on, bit for bit."""
+    whole = experiments.run_grid({"v": {}}, tmp_path / "whole.json", seeds=(0,), settings=TINY, progress=False,
+                                 plateau_seeds=())[0]
+    checkpoints_dir = tmp_path / "runs"
+    experiments.train_variant({}, 0, TINY, run_dir=checkpoints_dir / "v-seed0-x1", stop_at=2)   # stopped at 2 of 4
+    resumed = experiments.run_grid({"v": {}}, tmp_path / "resumed.json", seeds=(0,), settings=TINY, progress=False,
+                                   plateau_seeds=(), checkpoints_dir=checkpoints_dir)[0]
+    assert (whole["resumed_from_step"], resumed["resumed_from_step"]) == (0, 2)
+    assert resumed["final_loss"] == whole["final_loss"] and resumed["curve"] == whole["curve"]
+    assert resumed["box"] == whole["box"] and resumed["mask"] == whole["mask"]
+    assert not (checkpoints_dir / "v-seed0-x1").exists()          # its record is saved: the checkpoint goes
+
+    # A checkpoint left by other settings is not silently continued: the run fails and names the field.
+    experiments.train_variant({}, 0, TINY, run_dir=checkpoints_dir / "v-seed0-x1", stop_at=2)
+    longer = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, steps=6))
+    stale = experiments.run_grid({"v": {}}, tmp_path / "longer.json", seeds=(0,), settings=longer, progress=False,
+                                 plateau_seeds=(), checkpoints_dir=checkpoints_dir)[0]
+    assert stale["status"] == "failed" and "fit.steps: checkpoint 4, now 6" in stale["error"]
+    assert (checkpoints_dir / "v-seed0-x1" / "last.pt").exists()     # kept, for whoever reads the error
 
 
 def test_not_a_results_file(tmp_path):
@@ -137,7 +159,7 @@ def test_paired_gap_and_plateau_by_hand():
 def test_other_settings_refused(tmp_path, monkeypatch):
     out = tmp_path / "results.json"
     monkeypatch.setattr(experiments, "run_one",
-                        lambda changes, seed, settings, factor=1.0, device=None: {"box": {}, "mask": None})
+                        lambda changes, seed, settings, factor=1.0, device=None, run_dir=None: {"box": {}, "mask": None})
     experiments.run_grid({"v": {}}, out, seeds=(0,), settings=TINY, progress=False, plateau_seeds=())
     longer = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, steps=TINY.train.steps + 1))
     with pytest.raises(ValueError, match="settings"):
@@ -175,7 +197,7 @@ def test_a_longer_schedule_reuses_the_runs_it_would_make(tmp_path, monkeypatch):
     assert kept[0]["mask"] == fresh[0]["mask"] and kept[0]["curve"] == fresh[0]["curve"]  # the very run it makes
 
     calls = []
-    monkeypatch.setattr(experiments, "run_one", lambda changes, seed, settings, factor=1.0, device=None:
+    monkeypatch.setattr(experiments, "run_one", lambda changes, seed, settings, factor=1.0, device=None, run_dir=None:
                         calls.append((seed, factor)) or {"box": {}, "mask": None})
     records = experiments.run_grid({"v": {}}, new, seeds=(0, 1), settings=longer, progress=False,
                                    plateau_seeds=(0,), reuse=kept)
@@ -200,11 +222,12 @@ def test_command_line_names_a_file_it_cannot_reuse(tmp_path, capsys):
 
 def test_command_line_training_flags_reach_the_recorded_settings(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(experiments, "run_one", lambda changes, seed, settings, factor=1.0, device=None:
+    monkeypatch.setattr(experiments, "run_one", lambda changes, seed, settings, factor=1.0, device=None, run_dir=None:
                         seen.append(settings.train) or {"box": {}, "mask": None})
     out = tmp_path / "adam.json"
     experiments.main(["ablations", "--quick", "--out", str(out), "--seeds", "1", "--plateau-seeds", "0",
-                      "--variants", "s16-roi_align", "--optimizer", "adam", "--lr", "0.001", "--schedule", "cosine"])
+                      "--variants", "s16-roi_align", "--optimizer", "adam", "--lr", "0.001", "--schedule", "cosine",
+                      "--checkpoints", str(tmp_path / "runs")])
     assert [(t.optimizer, t.lr, t.schedule) for t in seen] == [("adam", 0.001, "cosine")]
     recorded = json.loads(out.read_text())["settings"]["train"]
     assert (recorded["optimizer"], recorded["lr"], recorded["schedule"]) == ("adam", 0.001, "cosine")
