@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from course_lib import data, evaluate, experiments
+from course_lib import data, evaluate, experiments, table2
 
 TINY = experiments.Settings.quick()
 
@@ -17,7 +17,7 @@ def test_grid_has_the_papers_rows():
     assert s16 == {("roi_align", "sigmoid"), ("roi_align", "softmax"), ("roi_align", "sigmoid_agnostic"),
                    ("roi_pool", "sigmoid"), ("roi_warp", "sigmoid"), ("roi_align_max", "sigmoid")}
     assert {g.get("pooler", "roi_align") for g in grid.values() if g["stride"] == 32} == {"roi_pool", "roi_align"}
-    assert set(experiments.PAPER_ROW) == set(grid) and set(experiments.PAPER_ROW.values()) <= set(experiments.PAPER_TABLE2)
+    assert set(table2.PAPER_ROW) == set(grid) and set(table2.PAPER_ROW.values()) <= set(table2.PAPER_TABLE2)
 
 
 def test_plan_runs_every_seed_then_the_longer_plateau_runs():
@@ -131,29 +131,6 @@ def test_scaled_ranges_at_128():
         assert got[name] == pytest.approx(1.0 if populated else -1.0), name
     assert got["APl"] == pytest.approx(1.0)                              # the scaled ranges do have "large" objects
     assert experiments.scaled_area_metrics(coco_gt, [], "bbox", 128) == {"APs": 0.0, "APm": 0.0, "APl": 0.0}
-
-
-def test_summarize_mean_standard_error_and_not_applicable():
-    runs = [{"variant": "a", "status": "ok", "mask": {"AP": 0.1, "APl": -1.0}},
-            {"variant": "a", "status": "ok", "mask": {"AP": 0.3, "APl": 0.5}},
-            {"variant": "a", "status": "ok", "steps_factor": 1.5, "mask": {"AP": 0.9}},   # a plateau run
-            {"variant": "a", "status": "failed"},
-            {"variant": "b", "status": "ok", "mask": {"AP": 0.2}}]
-    summary = experiments.summarize(runs, "mask")
-    mean, se, n = summary["a"]["AP"]
-    assert (round(mean, 6), round(se, 6), n) == (0.2, 0.1, 2)   # sample std 0.1 * sqrt(2), over sqrt(2)
-    assert summary["a"]["APl"] == (0.5, 0.0, 1) and summary["b"]["AP"] == (0.2, 0.0, 1)
-    assert experiments.summarize(runs, "mask", steps_factor=1.5)["a"]["AP"] == (0.9, 0.0, 1)
-
-
-def test_paired_gap_and_plateau_by_hand():
-    def run(variant, seed, ap, factor=1.0):
-        return {"variant": variant, "seed": seed, "status": "ok", "steps_factor": factor, "mask": {"AP": ap}}
-    runs = [run("a", 0, 0.30), run("a", 1, 0.34), run("b", 0, 0.20), run("b", 1, 0.28), run("b", 2, 0.9),
-            run("a", 0, 0.31, 1.5)]
-    mean, se, n = experiments.paired_gap(runs, "a", "b")      # seed 2 has no pair: differences 0.10, 0.06
-    assert (round(mean, 6), round(se, 6), n) == (0.08, 0.02, 2)
-    assert experiments.plateau(runs) == {"a": (0.30, 0.31, 0)}
 
 
 def test_other_settings_refused(tmp_path, monkeypatch):
