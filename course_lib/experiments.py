@@ -211,6 +211,7 @@ def run_one(changes: dict, seed: int, settings: Settings, steps_factor: float = 
 
 
 def _run_dir(checkpoints_dir: Path | None, name: str, seed: int, factor: float) -> Path | None:
+    """A run's checkpoint folder: one per (variant, seed, length), so no two runs share one."""
     return None if checkpoints_dir is None else Path(checkpoints_dir) / f"{name}-seed{seed}-x{factor:g}"
 
 
