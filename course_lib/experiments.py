@@ -210,9 +210,10 @@ def run_one(changes: dict, seed: int, settings: Settings, steps_factor: float = 
             "final_loss": round(sum(h["loss"] for h in last) / len(last), 4), **metrics}
 
 
-def _run_dir(checkpoints_dir: Path | None, name: str, seed: int, factor: float) -> Path | None:
-    """A run's checkpoint folder: one per (variant, seed, length), so no two runs share one."""
-    return None if checkpoints_dir is None else Path(checkpoints_dir) / f"{name}-seed{seed}-x{factor:g}"
+def _run_dir(checkpoints_dir: Path | None, name: str, seed: int, steps: int) -> Path | None:
+    """A run's checkpoint folder, named by variant, seed and steps (not the factor: a 3,200-step grid's
+    1.5x run and a 4,800-step grid's run are one run), so no two runs of one grid share one."""
+    return None if checkpoints_dir is None else Path(checkpoints_dir) / f"{name}-seed{seed}-{steps}steps"
 
 
 def _run_record(name: str, changes: dict, seed: int, factor: float, settings: Settings, threads: int | None,
@@ -278,8 +279,9 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
     ``jobs`` > 1 runs that many cells at once in worker processes with ``threads`` torch threads each
     (on a 2-core CPU, 2 jobs x 1 thread finish a grid sooner than 1 job x 2 threads). The file is
     rewritten after every finished run, in any order, so a stopped grid resumes without redoing them.
-    With ``checkpoints_dir``, each run also checkpoints into its own folder there, so a run stopped
-    midway resumes from its last checkpoint; the folder is deleted once the run's record is saved.
+    With ``checkpoints_dir`` (one per results file: two grids writing one folder would mix their runs'
+    checkpoints), each run also checkpoints into its own folder there, so a run stopped midway resumes
+    from its last checkpoint; the folder is deleted once the run's record is saved.
     Raises ``ValueError`` when ``out`` holds runs made with other ``settings``.
     """
     out = Path(out)
@@ -302,7 +304,8 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
               "area_ranges_scaled": scaled_area_ranges(settings.image_size), "machine": utils.machine_info()}
     if adopted:
         save_records(out, records, header)
-    args = [(name, grid[name], seed, factor, settings, threads, device, _run_dir(checkpoints_dir, name, seed, factor))
+    args = [(name, grid[name], seed, factor, settings, threads, device,
+             _run_dir(checkpoints_dir, name, seed, round(settings.train.steps * factor)))
             for name, seed, factor in todo]
     parallel = jobs > 1 and len(args) > 1
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if parallel \
@@ -314,7 +317,7 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
         for record in results:
             records.append(record)
             save_records(out, records, header)
-            run_dir = _run_dir(checkpoints_dir, record["variant"], record["seed"], record["steps_factor"])
+            run_dir = _run_dir(checkpoints_dir, record["variant"], record["seed"], record["steps"])
             if run_dir is not None and record["status"] == "ok":
                 shutil.rmtree(run_dir, ignore_errors=True)   # its record holds what it measured
             bar.update()
@@ -338,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=utils.DEVICES, default=None, help="where to train (default: the CPU)")
     parser.add_argument("--variants", nargs="*", default=None, help="only these variants")
     parser.add_argument("--checkpoints", default=None, metavar="DIR",
-                        help="where runs checkpoint, to resume midway (default: runs/grid/<the --out file's name>)")
+                        help="where runs checkpoint, to resume midway; one folder per results file "
+                             "(default: runs/grid/<the --out file's name>)")
     parser.add_argument("--reuse", nargs="+", default=(), metavar="FILE",
                         help="results files of the same settings but other steps: keep their runs of this grid's lengths")
     args = parser.parse_args(argv)

@@ -72,21 +72,21 @@ def test_a_run_stopped_midway_resumes_from_its_checkpoint(tmp_path):
     whole = experiments.run_grid({"v": {}}, tmp_path / "whole.json", seeds=(0,), settings=TINY, progress=False,
                                  plateau_seeds=())[0]
     checkpoints_dir = tmp_path / "runs"
-    experiments.train_variant({}, 0, TINY, run_dir=checkpoints_dir / "v-seed0-x1", stop_at=2)   # stopped at 2 of 4
+    experiments.train_variant({}, 0, TINY, run_dir=checkpoints_dir / "v-seed0-4steps", stop_at=2)  # stopped at 2 of 4
     resumed = experiments.run_grid({"v": {}}, tmp_path / "resumed.json", seeds=(0,), settings=TINY, progress=False,
                                    plateau_seeds=(), checkpoints_dir=checkpoints_dir)[0]
     assert (whole["resumed_from_step"], resumed["resumed_from_step"]) == (0, 2)
     assert resumed["final_loss"] == whole["final_loss"] and resumed["curve"] == whole["curve"]
     assert resumed["box"] == whole["box"] and resumed["mask"] == whole["mask"]
-    assert not (checkpoints_dir / "v-seed0-x1").exists()          # its record is saved: the checkpoint goes
+    assert not (checkpoints_dir / "v-seed0-4steps").exists()      # its record is saved: the checkpoint goes
 
     # A checkpoint left by other settings is not silently continued: the run fails and names the field.
-    experiments.train_variant({}, 0, TINY, run_dir=checkpoints_dir / "v-seed0-x1", stop_at=2)
-    longer = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, steps=6))
-    stale = experiments.run_grid({"v": {}}, tmp_path / "longer.json", seeds=(0,), settings=longer, progress=False,
+    experiments.train_variant({}, 0, TINY, run_dir=checkpoints_dir / "v-seed0-4steps", stop_at=2)
+    other = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, lr=TINY.train.lr / 2))
+    stale = experiments.run_grid({"v": {}}, tmp_path / "other.json", seeds=(0,), settings=other, progress=False,
                                  plateau_seeds=(), checkpoints_dir=checkpoints_dir)[0]
-    assert stale["status"] == "failed" and "fit.steps: checkpoint 4, now 6" in stale["error"]
-    assert (checkpoints_dir / "v-seed0-x1" / "last.pt").exists()     # kept, for whoever reads the error
+    assert stale["status"] == "failed" and f"fit.lr: checkpoint {TINY.train.lr}, now {other.train.lr}" in stale["error"]
+    assert (checkpoints_dir / "v-seed0-4steps" / "last.pt").exists()  # kept, for whoever reads the error
 
 
 def test_not_a_results_file(tmp_path):
