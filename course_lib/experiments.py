@@ -304,8 +304,9 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
               "area_ranges_scaled": scaled_area_ranges(settings.image_size), "machine": utils.machine_info()}
     if adopted:
         save_records(out, records, header)
-    args = [(name, grid[name], seed, factor, settings, threads, device,
-             _run_dir(checkpoints_dir, name, seed, round(settings.train.steps * factor)))
+    run_dirs = {(name, seed, factor): _run_dir(checkpoints_dir, name, seed, round(settings.train.steps * factor))
+                for name, seed, factor in todo}
+    args = [(name, grid[name], seed, factor, settings, threads, device, run_dirs[(name, seed, factor)])
             for name, seed, factor in todo]
     parallel = jobs > 1 and len(args) > 1
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if parallel \
@@ -317,7 +318,7 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
         for record in results:
             records.append(record)
             save_records(out, records, header)
-            run_dir = _run_dir(checkpoints_dir, record["variant"], record["seed"], record["steps"])
+            run_dir = run_dirs[(record["variant"], record["seed"], record["steps_factor"])]
             if run_dir is not None and record["status"] == "ok":
                 shutil.rmtree(run_dir, ignore_errors=True)   # its record holds what it measured
             bar.update()
