@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from course_lib import checkpoints, data, evaluate, model, presets, train, utils
+from course_lib import data, evaluate, model, presets, train, utils
 from course_lib.config import OPTIMIZERS, SCHEDULES, TrainConfig
 
 SIZE_METRICS = ("APs", "APm", "APl")
@@ -140,12 +140,10 @@ def train_variant(changes: dict, seed: int, settings: Settings, steps_factor: fl
     utils.seed_everything(seed)  # the model's initial weights depend on the seed
     net = model.MaskRCNN(dataclasses.replace(_base(settings), **changes))
     train_set, val_set = datasets(settings)
-    last = Path(run_dir) / "last.pt" if run_dir is not None else None
-    start = checkpoints.read_checkpoint(last)["step"] if last is not None and last.exists() else 0
     tick = time.perf_counter()
     history = train.fit(net, train_set, config, val_dataset=val_set, device=device, progress=False, out=run_dir,
                         resume=True, stop_at=stop_at, run_settings=_as_json(settings))
-    return net.eval(), history, time.perf_counter() - tick, start
+    return net.eval(), history, time.perf_counter() - tick, history["resumed_from"]
 
 
 def scaled_area_ranges(image_size: int) -> dict[str, tuple[float, float]]:

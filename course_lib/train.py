@@ -267,7 +267,8 @@ def fit(model: nn.Module, dataset, config: TrainConfig, *, val_dataset=None, out
         device: where to train (default: where the model is).
         run_settings: the caller's settings (data, sizes), stored and compared on resume.
     Returns:
-        ``{"train": [per step {"step", "lr", "loss", "loss_*", "time", "images_per_s"}], "eval": [{"step", "bbox": {...}, ...}]}``
+        ``{"train": [per step {"step", "lr", "loss", "loss_*", "time", "images_per_s"}], "eval": [{"step", "bbox": {...}, ...}],
+        "resumed_from": the step this call went on from (0 for a new run)}``
     """
     if stop_at is not None and stop_at < 1:
         raise ValueError(f"stop_at={stop_at!r}; expected a step >= 1")
@@ -287,6 +288,7 @@ def fit(model: nn.Module, dataset, config: TrainConfig, *, val_dataset=None, out
     history, start = {"train": [], "eval": []}, 0
     if resume and out is not None and (out / "last.pt").exists():
         history, start = checkpoints.resume(out / "last.pt", model, optimizer, scheduler, scaler, run["record"])
+    history["resumed_from"] = start
     _write_metrics(run["metrics_path"], history)
     _loop(model, dataset, run, optimizer, scheduler, scaler, history, start, progress)
     model.eval()

@@ -50,6 +50,7 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(p, q), name
     assert [h["loss"] for h in history["train"]] == [h["loss"] for h in resumed_history["train"]]
     assert [h["step"] for h in resumed_history["train"]] == [1, 2, 3, 4]
+    assert (history["resumed_from"], resumed_history["resumed_from"]) == (0, 2)
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["last.pt", "metrics.jsonl"]  # no temp file left
 
 
