@@ -25,18 +25,22 @@ Object sizes: pycocotools' APs/APm/APl use COCO's fixed area ranges (32^2 and 96
 COCO images of about 640 px. Each record also carries ``APs``/``APm``/``APl`` with the ranges scaled
 by (image_size / 640)^2 (``scaled_area_ranges``), under ``box_scaled`` and ``mask_scaled``.
 
+Every run starts from scratch, unless ``--pretrain-steps N``: then all start from one trunk pretrained
+on image-level labels (``pretrain``, the paper's ImageNet initialisation in miniature), trained once.
+
 The paper's numbers and the statistics over seeds (mean ± s.e., paired gaps, the plateau test) are
 in ``table2``.
 
-Public names: ``ablation_grid``, ``Settings``, ``datasets``, ``train_variant``, ``run_one``, ``reusable``,
-``plan``, ``run_grid``, ``scaled_area_ranges``, ``scaled_area_metrics``, ``load_records``,
-``save_records``, ``main``.
+Public names: ``ablation_grid``, ``Settings``, ``same_settings``, ``datasets``, ``pretrained_trunk``,
+``train_variant``, ``run_one``, ``reusable``, ``plan``, ``run_grid``, ``scaled_area_ranges``,
+``scaled_area_metrics``, ``load_records``, ``save_records``, ``main``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import shutil
@@ -49,12 +53,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from course_lib import data, evaluate, model, presets, train, utils
+from course_lib import data, evaluate, model, presets, pretrain, train, utils
 from course_lib.config import OPTIMIZERS, SCHEDULES, TrainConfig
 
 SIZE_METRICS = ("APs", "APm", "APl")
 CHECKPOINT_EVERY = 200    # steps between a grid run's checkpoints: a stopped run loses at most this many
 COCO_IMAGE_SIZE = 640     # px, the long side of a typical COCO image, where 32^2 / 96^2 were set
+PRETRAINED_DIR = "runs/pretrained"  # pretrained trunks, under the repository root (git-ignored)
 
 def ablation_grid() -> dict[str, dict]:
     """The variants of Table 2 (b, c, d): name -> the ``ModelConfig`` fields it changes."""
@@ -104,11 +109,18 @@ class Settings:
     preset: str = "ablation"   # the base config: presets.ablation_config, or "quick" (CI)
     curve_points: int = 4      # evaluations along each run: at 25, 50, 75 and 100 % of its steps
     plateau_factor: float = 1.5  # one seed of each variant also runs this many times as long
+    pretrain_steps: int = 0    # > 0: every run starts from one trunk pretrained this long (``pretrain``), not from scratch
 
     @staticmethod
     def quick() -> "Settings":
         return Settings(TrainConfig(steps=4, batch_size=2, warmup_steps=0), num_train=8, num_val=2,
                         image_size=64, min_size=12, max_size=40, preset="quick", curve_points=2)
+
+
+def same_settings(stored: dict, settings: Settings) -> bool:
+    """Whether a results file's ``stored`` settings are ``settings``. A field added to ``Settings`` after
+    the file was written counts as its default, which keeps what the file's runs did."""
+    return {**_as_json(Settings()), **stored} == _as_json(settings)
 
 
 def datasets(settings: Settings) -> tuple[data.ShapesDataset, data.ShapesDataset]:
@@ -139,11 +151,31 @@ def train_variant(changes: dict, seed: int, settings: Settings, steps_factor: fl
                                  eval_every=max(1, steps // settings.curve_points))
     utils.seed_everything(seed)  # the model's initial weights depend on the seed
     net = model.MaskRCNN(dataclasses.replace(_base(settings), **changes))
+    if settings.pretrain_steps:
+        pretrain.load_trunk(net, pretrained_trunk(settings)[0])
     train_set, val_set = datasets(settings)
     tick = time.perf_counter()
     history = train.fit(net, train_set, config, val_dataset=val_set, device=device, progress=False, out=run_dir,
                         resume=True, stop_at=stop_at, run_settings=_as_json(settings))
     return net.eval(), history, time.perf_counter() - tick, history["resumed_from"]
+
+
+def pretrained_trunk(settings: Settings) -> tuple[dict, dict]:
+    """``(trunk state_dict, report)`` pretrained for ``settings.pretrain_steps`` steps (``pretrain``) on
+    shapes images of seed ``data_seed + 2`` (validation ``+ 3``), the grid's sizes. Trained once and kept
+    in ``PRETRAINED_DIR`` under a name that holds everything it depends on, so every run shares it."""
+    sizes = dict(image_size=settings.image_size, min_size=settings.min_size, max_size=settings.max_size)
+    key = json.dumps([dataclasses.asdict(_base(settings)), sizes, settings.data_seed, settings.pretrain_steps,
+                      pretrain.PRETRAIN], sort_keys=True)
+    path = utils.repo_root() / PRETRAINED_DIR / f"trunk-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+    if not path.exists():
+        batch = pretrain.PRETRAIN["batch_size"]
+        images = data.ShapesDataset(settings.pretrain_steps * batch, seed=settings.data_seed + 2, **sizes)
+        val = data.ShapesDataset(settings.num_val, seed=settings.data_seed + 3, **sizes)
+        trunk, report = pretrain.pretrain_trunk(_base(settings), images, settings.pretrain_steps, val_dataset=val)
+        utils.atomic_write(path, lambda tmp: torch.save({"trunk": trunk, "report": report, "key": key}, tmp))
+    saved = torch.load(path, weights_only=True)
+    return saved["trunk"], saved["report"]
 
 
 def scaled_area_ranges(image_size: int) -> dict[str, tuple[float, float]]:
@@ -241,17 +273,14 @@ def reusable(paths: list[str | Path], settings: Settings) -> list[dict]:
     runs with as many steps as this grid's runs or its longer runs are kept (``steps_factor`` set to
     match). Raises ``ValueError`` for a file whose settings differ in anything but the steps.
     """
-    def without_steps(values: dict) -> dict:
-        return {**values, "train": {k: v for k, v in values.get("train", {}).items() if k != "steps"}}
-
-    wanted = _as_json(settings)
     factors = {round(settings.train.steps * f): f for f in (1.0, settings.plateau_factor)}
     kept = []
     for path in paths:
         content = _load(Path(path))
         if not content:
             raise FileNotFoundError(f"--reuse {path}: no such results file")
-        if without_steps(content.get("settings", {})) != without_steps(wanted):
+        stored = content.get("settings", {})
+        if not same_settings({**stored, "train": {**stored.get("train", {}), "steps": settings.train.steps}}, settings):
             raise ValueError(f"--reuse {path}: its runs were made with other settings than the steps "
                              f"({content.get('settings')}); only a grid that differs in its steps can reuse them")
         kept += [{**r, "steps_factor": factors[r["steps"]]} for r in content["runs"]
@@ -285,7 +314,7 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
     out = Path(out)
     previous = _load(out)
     records = previous.get("runs", [])
-    if records and previous.get("settings") != _as_json(settings):
+    if records and not same_settings(previous.get("settings", {}), settings):
         raise ValueError(f"{out} holds runs with settings={previous.get('settings')}, not "
                          f"{dataclasses.asdict(settings)}; use another --out to change settings")
     planned = plan(grid, seeds, plateau_seeds, settings)
@@ -300,6 +329,8 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
     todo = [run for run in planned if run not in done]
     header = {"command": command or previous.get("command", ""), "settings": dataclasses.asdict(settings),
               "area_ranges_scaled": scaled_area_ranges(settings.image_size), "machine": utils.machine_info()}
+    if settings.pretrain_steps:
+        header["pretrain"] = pretrained_trunk(settings)[1]   # once, before the workers share it
     if adopted:
         save_records(out, records, header)
     run_dirs = {(name, seed, factor): _run_dir(checkpoints_dir, name, seed, round(settings.train.steps * factor))
@@ -335,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate decay")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="SGD (the paper) or Adam")
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="start every run from a trunk pretrained this many steps to name the shapes (default: scratch)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (1 is fastest on a busy CPU)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
     parser.add_argument("--device", choices=utils.DEVICES, default=None, help="where to train (default: the CPU)")
@@ -345,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse", nargs="+", default=(), metavar="FILE",
                         help="results files of the same settings but other steps: keep their runs of this grid's lengths")
     args = parser.parse_args(argv)
-    for flag in ("seeds", "steps", "num_val", "jobs"):
+    for flag in ("seeds", "steps", "num_val", "jobs", "pretrain_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')}={getattr(args, flag)}; expected an int >= 1")
     settings = Settings.quick() if args.quick else Settings()
@@ -354,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
         settings.train, **{k: v for k, v in fit_flags.items() if v is not None}))
     if args.num_val is not None:
         settings = dataclasses.replace(settings, num_val=args.num_val)
+    if args.pretrain_steps:
+        settings = dataclasses.replace(settings, pretrain_steps=args.pretrain_steps)
     grid = ablation_grid()
     if args.variants:
         unknown = sorted(set(args.variants) - set(grid))
