@@ -17,6 +17,7 @@ import time
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from course_lib import backbone, data, model, train, utils
 from course_lib.config import ModelConfig
@@ -52,7 +53,7 @@ def _presence(targets: list[dict], num_classes: int) -> Tensor:
 
 
 def pretrain_trunk(config: ModelConfig, dataset: data.ShapesDataset, steps: int, seed: int = 0,
-                   val_dataset: data.ShapesDataset | None = None) -> tuple[dict, dict]:
+                   val_dataset: data.ShapesDataset | None = None, progress: bool = True) -> tuple[dict, dict]:
     """Train ``config``'s trunk to name the shapes in ``dataset``'s images for ``steps`` steps.
 
     Returns ``(trunk state_dict, report)``: the report holds the steps, seconds, the last 50 steps'
@@ -71,7 +72,7 @@ def pretrain_trunk(config: ModelConfig, dataset: data.ShapesDataset, steps: int,
         optimizer, lambda step: train.lr_factor(step, steps, PRETRAIN["warmup_steps"], "cosine"))
     losses, tick = [], time.perf_counter()
     net.train()
-    for step in range(steps):
+    for step in tqdm(range(steps), desc="pretrain", disable=not progress):
         images, targets = zip(*(dataset[i] for i in train.batch_indices(step, len(dataset), batch_size, seed)))
         loss = nn.functional.binary_cross_entropy_with_logits(net(list(images)),
                                                               _presence(targets, config.num_classes))
