@@ -1,10 +1,10 @@
 """Backbones: the convolutional trunk that turns an image into feature maps (Mask R-CNN §3, "backbone").
 
 Public names: ``TinyResNet`` (from scratch, sized for a 2-core CPU), ``BottleneckResNet`` (ResNet-50
-for the GPU chapter, or the same topology narrowed for a CPU), ``ResidualBlock``, ``Bottleneck``,
-``make_norm``, ``RESNET50_BLOCKS``.
+for the GPU chapter, or the same topology narrowed for a CPU), ``build`` (the one a config names),
+``ResidualBlock``, ``Bottleneck``, ``make_norm``, ``RESNET50_BLOCKS``.
 
-Both follow one contract, so ``course_lib.model`` picks one with a plain ``if``:
+Both follow one contract, so ``build`` picks one with a plain ``if``:
 
 * ``forward(x: Tensor[N, 3, H, W]) -> list[Tensor]``: the stage outputs C2, C3, ... finest first,
   C_l of shape ``[N, out_channels[l], H / strides[l], W / strides[l]]``;
@@ -119,6 +119,12 @@ class TinyResNet(nn.Module):
             x = stage(x)  # [N, C_l, H/s_l, W/s_l]
             features.append(x)
         return features
+
+
+def build(config: ModelConfig) -> nn.Module:
+    """The trunk ``config.backbone`` names: ``TinyResNet`` for "tiny", else ``BottleneckResNet``
+    ("resnet50", or its narrower "bottleneck" sibling)."""
+    return TinyResNet(config) if config.backbone == "tiny" else BottleneckResNet(config)
 
 
 def _init_weights(module: nn.Module) -> None:

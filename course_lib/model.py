@@ -140,10 +140,7 @@ class MaskRCNN(nn.Module):
         super().__init__()
         config = config or ModelConfig()
         self.config = config
-        if config.backbone == "tiny":
-            self.backbone = backbone.TinyResNet(config)
-        else:  # "resnet50", or its narrower "bottleneck" sibling
-            self.backbone = backbone.BottleneckResNet(config)
+        self.backbone = backbone.build(config)
         if config.fpn:
             self.fpn = fpn.FPN(self.backbone.out_channels[-4:], config.fpn_channels, extra_p6=True)
             channels = config.fpn_channels

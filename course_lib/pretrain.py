@@ -32,7 +32,7 @@ class _Classifier(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         full = dataclasses.replace(config, stride=32, fpn=False)  # every stage, whatever stride the detector uses
-        self.trunk = backbone.TinyResNet(full) if full.backbone == "tiny" else backbone.BottleneckResNet(full)
+        self.trunk = backbone.build(full)
         self.head = nn.Linear(self.trunk.out_channels[-1], config.num_classes - 1)
         self.register_buffer("mean", torch.tensor(config.image_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.image_std).view(3, 1, 1), persistent=False)
