@@ -160,10 +160,12 @@ def train_variant(changes: dict, seed: int, settings: Settings, steps_factor: fl
     return net.eval(), history, time.perf_counter() - tick, history["resumed_from"]
 
 
-def pretrained_trunk(settings: Settings, progress: bool = False) -> tuple[dict, dict]:
+def pretrained_trunk(settings: Settings, progress: bool = False,
+                     device: str | torch.device | None = None) -> tuple[dict, dict]:
     """``(trunk state_dict, report)`` pretrained for ``settings.pretrain_steps`` steps (``pretrain``) on
-    shapes images of seed ``data_seed + 2`` (validation ``+ 3``), the grid's sizes. Trained once and kept
-    in ``PRETRAINED_DIR`` under a name that holds everything it depends on, so every run shares it."""
+    shapes images of seed ``data_seed + 2`` (validation ``+ 3``), the grid's sizes. Trained once (on
+    ``device``) and kept in ``PRETRAINED_DIR`` under a name that holds everything it depends on, so
+    every run shares it; the device is not in that name: a trunk is the same recipe on any device."""
     sizes = dict(image_size=settings.image_size, min_size=settings.min_size, max_size=settings.max_size)
     key = json.dumps([dataclasses.asdict(_base(settings)), sizes, settings.data_seed, settings.pretrain_steps,
                       pretrain.PRETRAIN], sort_keys=True)
@@ -173,7 +175,7 @@ def pretrained_trunk(settings: Settings, progress: bool = False) -> tuple[dict, 
         images = data.ShapesDataset(settings.pretrain_steps * batch, seed=settings.data_seed + 2, **sizes)
         val = data.ShapesDataset(settings.num_val, seed=settings.data_seed + 3, **sizes)
         trunk, report = pretrain.pretrain_trunk(_base(settings), images, settings.pretrain_steps, val_dataset=val,
-                                                progress=progress)
+                                                progress=progress, device=device)
         utils.atomic_write(path, lambda tmp: torch.save({"trunk": trunk, "report": report, "key": key}, tmp))
     saved = torch.load(path, weights_only=True)
     return saved["trunk"], saved["report"]
@@ -333,7 +335,7 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
     if settings.pretrain_steps:
         if threads is not None:
             torch.set_num_threads(threads)   # as the runs: more threads than cores beside them is several times slower
-        header["pretrain"] = pretrained_trunk(settings, progress)[1]   # once, before the workers share it
+        header["pretrain"] = pretrained_trunk(settings, progress, device)[1]   # once, before the workers share it
     if adopted:
         save_records(out, records, header)
     run_dirs = {(name, seed, factor): _run_dir(checkpoints_dir, name, seed, round(settings.train.steps * factor))

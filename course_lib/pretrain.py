@@ -53,12 +53,14 @@ def _presence(targets: list[dict], num_classes: int) -> Tensor:
 
 
 def pretrain_trunk(config: ModelConfig, dataset: data.ShapesDataset, steps: int, seed: int = 0,
-                   val_dataset: data.ShapesDataset | None = None, progress: bool = True) -> tuple[dict, dict]:
-    """Train ``config``'s trunk to name the shapes in ``dataset``'s images for ``steps`` steps.
+                   val_dataset: data.ShapesDataset | None = None, progress: bool = True,
+                   device: str | torch.device | None = None) -> tuple[dict, dict]:
+    """Train ``config``'s trunk to name the shapes in ``dataset``'s images for ``steps`` steps, on
+    ``device`` (default: the CPU).
 
-    Returns ``(trunk state_dict, report)``: the report holds the steps, seconds, the last 50 steps'
-    mean loss and, with ``val_dataset``, the accuracy of every per-class presence call on it
-    (chance is the share of the commoner answer, printed beside it as ``majority``).
+    Returns ``(trunk state_dict on the CPU, report)``: the report holds the steps, seconds, device, the
+    last 50 steps' mean loss and, with ``val_dataset``, the accuracy of every per-class presence call
+    on it (chance is the share of the commoner answer, printed beside it as ``majority``).
     """
     if steps < 1:
         raise ValueError(f"steps={steps!r}; pretraining needs at least one step")
@@ -66,7 +68,8 @@ def pretrain_trunk(config: ModelConfig, dataset: data.ShapesDataset, steps: int,
     if len(dataset) < batch_size:
         raise ValueError(f"the pretraining set has {len(dataset)} images, fewer than a batch ({batch_size})")
     utils.seed_everything(seed)
-    net = _Classifier(config)
+    device = torch.device(device or "cpu")
+    net = _Classifier(config).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=PRETRAIN["lr"])
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: train.lr_factor(step, steps, PRETRAIN["warmup_steps"], "cosine"))
@@ -74,18 +77,18 @@ def pretrain_trunk(config: ModelConfig, dataset: data.ShapesDataset, steps: int,
     net.train()
     for step in tqdm(range(steps), desc="pretrain", disable=not progress):
         images, targets = zip(*(dataset[i] for i in train.batch_indices(step, len(dataset), batch_size, seed)))
-        loss = nn.functional.binary_cross_entropy_with_logits(net(list(images)),
-                                                              _presence(targets, config.num_classes))
+        loss = nn.functional.binary_cross_entropy_with_logits(net([image.to(device) for image in images]),
+                                                              _presence(targets, config.num_classes).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    report = {"steps": steps, "seconds": round(time.perf_counter() - tick, 1),
+    report = {"steps": steps, "seconds": round(time.perf_counter() - tick, 1), "device": str(device),
               "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4)}
     if val_dataset is not None:
         report.update(_accuracy(net.eval(), val_dataset, config.num_classes))
-    return net.trunk.state_dict(), report
+    return {k: v.cpu() for k, v in net.trunk.state_dict().items()}, report
 
 
 @torch.no_grad()
@@ -93,7 +96,9 @@ def _accuracy(net: _Classifier, dataset, num_classes: int) -> dict:
     """Share of right per-class presence calls (logit > 0) on ``dataset``, and the majority baseline."""
     images, targets = zip(*(dataset[i] for i in range(len(dataset))))
     truth = _presence(targets, num_classes)
-    calls = torch.cat([net(list(images[i:i + 64])) for i in range(0, len(images), 64)]) > 0
+    device = net.mean.device
+    calls = torch.cat([net([image.to(device) for image in images[i:i + 64]]).cpu()
+                       for i in range(0, len(images), 64)]) > 0
     majority = max(truth.mean().item(), 1 - truth.mean().item())
     return {"val_accuracy": round((calls == truth.bool()).float().mean().item(), 4), "majority": round(majority, 4)}
 

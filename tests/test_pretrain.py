@@ -23,6 +23,7 @@ def test_pretraining_starts_at_chance_and_learns_its_images():
     assert abs(first["final_loss"] - math.log(2)) < 0.1      # a fresh head: every class at p ~ 1/2
     trunk, report = pretrain.pretrain_trunk(config, images, steps=80, val_dataset=images, progress=False)
     assert report["final_loss"] < 0.35 and report["val_accuracy"] > report["majority"] + 0.1
+    assert report["device"] == "cpu" and all(v.device.type == "cpu" for v in trunk.values())
     assert set(trunk) >= {"stem.0.weight", "stages.3.0.conv1.weight"}  # all four stages, up to C5
 
 
