@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
     parser.add_argument("--plateau-seeds", type=int, default=1, help="seeds also run 1.5x as long (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run")
+    parser.add_argument("--num-train", type=int, default=None, help="training images (cycled: a smaller set is seen more often)")
     parser.add_argument("--num-val", type=int, default=None, help="validation images")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate decay")
@@ -383,15 +384,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse", nargs="+", default=(), metavar="FILE",
                         help="results files of the same settings but other steps: keep their runs of this grid's lengths")
     args = parser.parse_args(argv)
-    for flag in ("seeds", "steps", "num_val", "jobs", "pretrain_steps"):
+    for flag in ("seeds", "steps", "num_train", "num_val", "jobs", "pretrain_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')}={getattr(args, flag)}; expected an int >= 1")
     settings = Settings.quick() if args.quick else Settings()
     fit_flags = {"steps": args.steps, "lr": args.lr, "schedule": args.schedule, "optimizer": args.optimizer}
     settings = dataclasses.replace(settings, train=dataclasses.replace(
         settings.train, **{k: v for k, v in fit_flags.items() if v is not None}))
-    if args.num_val is not None:
-        settings = dataclasses.replace(settings, num_val=args.num_val)
+    for field in ("num_train", "num_val"):
+        if getattr(args, field) is not None:
+            settings = dataclasses.replace(settings, **{field: getattr(args, field)})
     if args.pretrain_steps:
         settings = dataclasses.replace(settings, pretrain_steps=args.pretrain_steps)
     grid = ablation_grid()

@@ -204,7 +204,9 @@ def test_command_line_training_flags_reach_the_recorded_settings(tmp_path, monke
     out = tmp_path / "adam.json"
     experiments.main(["ablations", "--quick", "--out", str(out), "--seeds", "1", "--plateau-seeds", "0",
                       "--variants", "s16-roi_align", "--optimizer", "adam", "--lr", "0.001", "--schedule", "cosine",
-                      "--checkpoints", str(tmp_path / "runs")])
+                      "--num-train", "6", "--num-val", "3", "--checkpoints", str(tmp_path / "runs")])
     assert [(t.optimizer, t.lr, t.schedule) for t in seen] == [("adam", 0.001, "cosine")]
-    recorded = json.loads(out.read_text())["settings"]["train"]
-    assert (recorded["optimizer"], recorded["lr"], recorded["schedule"]) == ("adam", 0.001, "cosine")
+    recorded = json.loads(out.read_text())["settings"]
+    train = recorded["train"]
+    assert (train["optimizer"], train["lr"], train["schedule"]) == ("adam", 0.001, "cosine")
+    assert (recorded["num_train"], recorded["num_val"]) == (6, 3)
