@@ -31,7 +31,7 @@ on image-level labels (``pretrain``, the paper's ImageNet initialisation in mini
 The paper's numbers and the statistics over seeds (mean ± s.e., paired gaps, the plateau test) are
 in ``table2``.
 
-Public names: ``ablation_grid``, ``Settings``, ``same_settings``, ``datasets``, ``pretrained_trunk``,
+Public names: ``ablation_grid``, ``Settings``, ``ADDED_FIELDS``, ``same_settings``, ``datasets``, ``pretrained_trunk``,
 ``train_variant``, ``run_one``, ``reusable``, ``plan``, ``run_grid``, ``scaled_area_ranges``,
 ``scaled_area_metrics``, ``load_records``, ``save_records``, ``main``.
 """
@@ -117,10 +117,15 @@ class Settings:
                         image_size=64, min_size=12, max_size=40, preset="quick", curve_points=2)
 
 
+# Fields added to Settings after results files were written, with the value those files' runs used
+# (not the field's default: a default may change, what an old run did does not).
+ADDED_FIELDS = {"pretrain_steps": 0}
+
+
 def same_settings(stored: dict, settings: Settings) -> bool:
-    """Whether a results file's ``stored`` settings are ``settings``. A field added to ``Settings`` after
-    the file was written counts as its default, which keeps what the file's runs did."""
-    return {**_as_json(Settings()), **stored} == _as_json(settings)
+    """Whether a results file's ``stored`` settings are ``settings``; a field the file lacks counts as
+    its value in ``ADDED_FIELDS``."""
+    return {**ADDED_FIELDS, **stored} == _as_json(settings)
 
 
 def datasets(settings: Settings) -> tuple[data.ShapesDataset, data.ShapesDataset]:

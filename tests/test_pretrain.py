@@ -1,5 +1,6 @@
 """The pretrained trunk (the course's ImageNet): it learns its labels, loads into a detector, and a grid uses it."""
 import dataclasses
+import functools
 import json
 import math
 
@@ -67,8 +68,13 @@ def test_a_grid_starts_every_run_from_one_cached_trunk(tmp_path, monkeypatch):
     assert saved["pretrain"]["steps"] == 2 and saved["settings"]["pretrain_steps"] == 2
 
 
-def test_a_file_written_before_pretraining_existed_keeps_its_settings():
+def test_a_file_written_before_pretraining_existed_keeps_its_settings(monkeypatch):
     stored = json.loads(json.dumps(dataclasses.asdict(experiments.Settings())))
     del stored["pretrain_steps"]
     assert experiments.same_settings(stored, experiments.Settings())
     assert not experiments.same_settings(stored, experiments.Settings(pretrain_steps=100))
+    # its runs started from scratch, whatever the default becomes; a field nobody added is not guessed
+    monkeypatch.setattr(experiments, "Settings", functools.partial(experiments.Settings, pretrain_steps=100))
+    assert experiments.same_settings(stored, experiments.Settings(pretrain_steps=0))
+    del stored["num_val"]
+    assert not experiments.same_settings(stored, experiments.Settings(pretrain_steps=0))
