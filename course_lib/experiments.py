@@ -230,7 +230,8 @@ def _evaluate(net: model.MaskRCNN, val_set, settings: Settings) -> dict:
 
 def run_one(changes: dict, seed: int, settings: Settings, steps_factor: float = 1.0,
             device: str | torch.device | None = None, run_dir: str | Path | None = None) -> dict:
-    """Train one variant with one seed and evaluate it: config, curve, final metrics, wall times.
+    """Train one variant with one seed and evaluate it: config, curve, final metrics, wall times and,
+    from a pretrained trunk, that trunk's ``pretrain.fingerprint``.
 
     A run resumed from ``run_dir`` (``train_variant``) records the step it resumed from; its wall
     time is this call's plus the restored steps' training time (their evaluations are not counted).
@@ -243,9 +244,10 @@ def run_one(changes: dict, seed: int, settings: Settings, steps_factor: float = 
     curve = [{"step": e["step"], "box_AP": e["bbox"]["AP"], "box_AP50": e["bbox"]["AP50"],
               **({f"mask_{m}": e["segm"][m] for m in ("AP", "AP50", "AP75")} if "segm" in e else {})}
              for e in history["eval"]]
+    trunk = {"trunk": pretrain.fingerprint(pretrained_trunk(settings)[0])} if settings.pretrain_steps else {}
     return {"config": dataclasses.asdict(net.config), "wall_time_s": round(wall, 1),
             "eval_time_s": round(time.perf_counter() - tick, 1), "resumed_from_step": start, "curve": curve,
-            "final_loss": round(sum(h["loss"] for h in last) / len(last), 4), **metrics}
+            "final_loss": round(sum(h["loss"] for h in last) / len(last), 4), **trunk, **metrics}
 
 
 def _run_dir(checkpoints_dir: Path | None, name: str, seed: int, steps: int) -> Path | None:
@@ -340,7 +342,8 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
     if settings.pretrain_steps:
         if threads is not None:
             torch.set_num_threads(threads)   # as the runs: more threads than cores beside them is several times slower
-        header["pretrain"] = pretrained_trunk(settings, progress, device)[1]   # once, before the workers share it
+        trunk, report = pretrained_trunk(settings, progress, device)   # once, before the workers share it
+        header["pretrain"] = {**report, "trunk": pretrain.fingerprint(trunk)}
     if adopted:
         save_records(out, records, header)
     run_dirs = {(name, seed, factor): _run_dir(checkpoints_dir, name, seed, round(settings.train.steps * factor))

@@ -8,11 +8,12 @@ of the three shapes an image holds (a multi-label classification: one sigmoid pe
 from the globally averaged last stage), on shapes images of their own seed, so no detection
 image is seen twice. The detector then starts from these weights (``load_trunk``).
 
-Public names: ``PRETRAIN``, ``pretrain_trunk``, ``load_trunk``.
+Public names: ``PRETRAIN``, ``pretrain_trunk``, ``load_trunk``, ``fingerprint``.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 
 import torch
@@ -114,3 +115,13 @@ def load_trunk(net: model.MaskRCNN, trunk: dict) -> None:
         raise ValueError(f"the pretrained trunk does not fit this backbone: missing {missing[:3]}, "
                          f"wrong shapes {wrong[:3]} (pretrained with another width or backbone?)")
     net.backbone.load_state_dict({k: trunk[k] for k in own})
+
+
+def fingerprint(trunk: dict) -> str:
+    """12 hex digits that name a trunk's exact weights: pretraining on another CPU may differ in the last
+    bits, so each grid run records which trunk it started from."""
+    digest = hashlib.sha1()
+    for name in sorted(trunk):
+        digest.update(name.encode())
+        digest.update(trunk[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]

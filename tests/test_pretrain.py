@@ -66,6 +66,11 @@ def test_a_grid_starts_every_run_from_one_cached_trunk(tmp_path, monkeypatch):
     assert len(starts) == 2 and all(torch.equal(v, trunk[k]) for start in starts for k, v in start.items())
     saved = json.loads(out.read_text())
     assert saved["pretrain"]["steps"] == 2 and saved["settings"]["pretrain_steps"] == 2
+    # every record names the trunk it started from; one changed weight is another trunk
+    assert {r["trunk"] for r in saved["runs"]} == {saved["pretrain"]["trunk"]} == {pretrain.fingerprint(trunk)}
+    nudged = {k: v.clone() for k, v in trunk.items()}
+    nudged["stem.0.weight"].view(-1)[0] += 1e-6
+    assert pretrain.fingerprint(nudged) != pretrain.fingerprint(trunk)
 
 
 def test_a_file_written_before_pretraining_existed_keeps_its_settings(monkeypatch):
