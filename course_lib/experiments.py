@@ -145,7 +145,7 @@ def train_variant(changes: dict, seed: int, settings: Settings, steps_factor: fl
                   stop_at: int | None = None) -> tuple[model.MaskRCNN, dict, float, int]:
     """Train one variant with one seed, as the grid does: ``(model in eval mode, train.fit's history,
     seconds, the step it resumed from)``; the history's ``eval`` holds the learning curve on the
-    validation set.
+    validation set, and its ``trunk`` the fingerprint of the pretrained trunk the run started from.
 
     ``run_dir``: a folder for the run's checkpoints (every ``CHECKPOINT_EVERY`` steps), so a run
     stopped midway (a session's end) goes on from its last checkpoint, bit for bit, when called
@@ -157,11 +157,14 @@ def train_variant(changes: dict, seed: int, settings: Settings, steps_factor: fl
     utils.seed_everything(seed)  # the model's initial weights depend on the seed
     net = model.MaskRCNN(dataclasses.replace(_base(settings), **changes))
     if settings.pretrain_steps:
-        pretrain.load_trunk(net, pretrained_trunk(settings)[0])
+        trunk, report = pretrained_trunk(settings)
+        pretrain.load_trunk(net, trunk)
     train_set, val_set = datasets(settings)
     tick = time.perf_counter()
     history = train.fit(net, train_set, config, val_dataset=val_set, device=device, progress=False, out=run_dir,
                         resume=True, stop_at=stop_at, run_settings=_as_json(settings))
+    if settings.pretrain_steps:
+        history["trunk"] = report["trunk"]   # which pretrained trunk this run started from
     return net.eval(), history, time.perf_counter() - tick, history["resumed_from"]
 
 
@@ -170,7 +173,8 @@ def pretrained_trunk(settings: Settings, progress: bool = False,
     """``(trunk state_dict, report)`` pretrained for ``settings.pretrain_steps`` steps (``pretrain``) on
     shapes images of seed ``data_seed + 2`` (validation ``+ 3``), the grid's sizes. Trained once (on
     ``device``) and kept in ``PRETRAINED_DIR`` under a name that holds everything it depends on, so
-    every run shares it; the device is not in that name: a trunk is the same recipe on any device."""
+    every run shares it; the device is not in that name: a trunk is the same recipe on any device.
+    The report holds its ``pretrain.fingerprint`` as ``trunk``."""
     sizes = dict(image_size=settings.image_size, min_size=settings.min_size, max_size=settings.max_size)
     key = json.dumps([dataclasses.asdict(_base(settings)), sizes, settings.data_seed, settings.pretrain_steps,
                       pretrain.PRETRAIN], sort_keys=True)
@@ -183,7 +187,7 @@ def pretrained_trunk(settings: Settings, progress: bool = False,
                                                 progress=progress, device=device)
         utils.atomic_write(path, lambda tmp: torch.save({"trunk": trunk, "report": report, "key": key}, tmp))
     saved = torch.load(path, weights_only=True)
-    return saved["trunk"], saved["report"]
+    return saved["trunk"], {**saved["report"], "trunk": pretrain.fingerprint(saved["trunk"])}
 
 
 def scaled_area_ranges(image_size: int) -> dict[str, tuple[float, float]]:
@@ -244,7 +248,7 @@ def run_one(changes: dict, seed: int, settings: Settings, steps_factor: float = 
     curve = [{"step": e["step"], "box_AP": e["bbox"]["AP"], "box_AP50": e["bbox"]["AP50"],
               **({f"mask_{m}": e["segm"][m] for m in ("AP", "AP50", "AP75")} if "segm" in e else {})}
              for e in history["eval"]]
-    trunk = {"trunk": pretrain.fingerprint(pretrained_trunk(settings)[0])} if settings.pretrain_steps else {}
+    trunk = {"trunk": history["trunk"]} if settings.pretrain_steps else {}
     return {"config": dataclasses.asdict(net.config), "wall_time_s": round(wall, 1),
             "eval_time_s": round(time.perf_counter() - tick, 1), "resumed_from_step": start, "curve": curve,
             "final_loss": round(sum(h["loss"] for h in last) / len(last), 4), **trunk, **metrics}
@@ -342,8 +346,7 @@ def run_grid(grid: dict[str, dict], out: str | Path, seeds: tuple[int, ...] = (0
     if settings.pretrain_steps:
         if threads is not None:
             torch.set_num_threads(threads)   # as the runs: more threads than cores beside them is several times slower
-        trunk, report = pretrained_trunk(settings, progress, device)   # once, before the workers share it
-        header["pretrain"] = {**report, "trunk": pretrain.fingerprint(trunk)}
+        header["pretrain"] = pretrained_trunk(settings, progress, device)[1]   # once, before the workers share it
     if adopted:
         save_records(out, records, header)
     run_dirs = {(name, seed, factor): _run_dir(checkpoints_dir, name, seed, round(settings.train.steps * factor))
@@ -399,11 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     fit_flags = {"steps": args.steps, "lr": args.lr, "schedule": args.schedule, "optimizer": args.optimizer}
     settings = dataclasses.replace(settings, train=dataclasses.replace(
         settings.train, **{k: v for k, v in fit_flags.items() if v is not None}))
-    for field in ("num_train", "num_val"):
+    for field in ("num_train", "num_val", "pretrain_steps"):
         if getattr(args, field) is not None:
             settings = dataclasses.replace(settings, **{field: getattr(args, field)})
-    if args.pretrain_steps:
-        settings = dataclasses.replace(settings, pretrain_steps=args.pretrain_steps)
     grid = ablation_grid()
     if args.variants:
         unknown = sorted(set(args.variants) - set(grid))
