@@ -7,7 +7,7 @@ agree, same images in the same order), and whether a run has stopped learning is
 the same seed trained longer (``plateau``). The records are the runner's JSON records: dicts with
 ``variant``, ``seed``, ``steps_factor``, ``status`` and metric dicts under ``box``, ``mask``, ...
 
-Public names: ``PAPER_TABLE2``, ``PAPER_ROW``, ``COCO_OBJECTS``, ``summarize``, ``paired_gap``, ``plateau``.
+Public names: ``PAPER_TABLE2``, ``PAPER_ROW``, ``PAPER_SCHEDULE``, ``COCO_OBJECTS``, ``summarize``, ``paired_gap``, ``plateau``.
 """
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ PAPER_ROW = {"s16-softmax": "2b R-50-C4 softmax", "s16-roi_align": "2c R-50-C4 R
              "s16-agnostic": "2b R-50-C4 class-agnostic sigmoid", "s16-roi_pool": "2c R-50-C4 RoIPool",
              "s16-roi_warp": "2c R-50-C4 RoIWarp (ave)", "s16-roi_align_max": "2c R-50-C4 RoIAlign (max)",
              "s32-roi_pool": "2d R-50-C5 RoIPool", "s32-roi_align": "2d R-50-C5 RoIAlign"}
+# The paper's schedule (Sec. 3.1): 160k iterations of 16 images on COCO trainval35k (~115k images),
+# about 22 epochs. Quoted, to set our grid's epochs beside it.
+PAPER_SCHEDULE = {"iterations": 160_000, "batch_size": 16, "train_images": 115_000}
 # COCO's objects (cocodataset.org, detection evaluation): 41 % small (area < 32^2 px), 34 % medium
 # (< 96^2), 24 % large, on images of about 640 x 480 that Mask R-CNN resizes to an 800 px short side.
 COCO_OBJECTS = {"small": 0.41, "medium": 0.34, "large": 0.24, "resize": 800 / 480}

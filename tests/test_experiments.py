@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from course_lib import data, evaluate, experiments, table2
+from course_lib import data, evaluate, experiments, table2, utils
 
 TINY = experiments.Settings.quick()
 
@@ -210,3 +210,31 @@ def test_command_line_training_flags_reach_the_recorded_settings(tmp_path, monke
     train = recorded["train"]
     assert (train["optimizer"], train["lr"], train["schedule"]) == ("adam", 0.001, "cosine")
     assert (recorded["num_train"], recorded["num_val"]) == (6, 3)
+
+
+def test_the_committed_grid_was_made_with_todays_settings():
+    """Chapter 08 reads data/results/ablations.json as the grid of ``Settings()``: a new default needs a new grid."""
+    stored = json.loads((utils.repo_root() / "data" / "results" / "ablations.json").read_text())["settings"]
+    assert experiments.same_settings(stored, experiments.Settings())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "0"], "--seeds=0; expected an int >= 1"),
+    (["--num-train", "0"], "--num-train=0; expected an int >= 1"),
+    (["--pretrain-steps", "-1"], "--pretrain-steps=-1; expected an int >= 0"),
+])
+def test_command_line_refuses_bad_counts(tmp_path, flags, message, capsys):
+    with pytest.raises(SystemExit):
+        experiments.main(["ablations", "--quick", "--out", str(tmp_path / "bad.json"), *flags])
+    assert message in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+
+
+def test_command_line_pretrain_steps_zero_trains_from_scratch(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(experiments, "run_one", lambda changes, seed, settings, factor=1.0, device=None, run_dir=None:
+                        seen.append(settings.pretrain_steps) or {"box": {}, "mask": None})
+    monkeypatch.setattr(experiments, "pretrained_trunk", lambda *a, **k: pytest.fail("pretrained a trunk"))
+    out = tmp_path / "scratch.json"
+    experiments.main(["ablations", "--out", str(out), "--seeds", "1", "--plateau-seeds", "0", "--pretrain-steps", "0",
+                      "--variants", "s16-roi_align", "--checkpoints", str(tmp_path / "runs")])
+    assert seen == [0] and json.loads(out.read_text())["settings"]["pretrain_steps"] == 0

@@ -74,10 +74,11 @@ def test_a_grid_starts_every_run_from_one_cached_trunk(tmp_path, monkeypatch):
 
 
 def test_a_file_written_before_pretraining_existed_keeps_its_settings(monkeypatch):
-    stored = json.loads(json.dumps(dataclasses.asdict(experiments.Settings())))
+    stored = json.loads(json.dumps(dataclasses.asdict(experiments.Settings(pretrain_steps=0))))
     del stored["pretrain_steps"]
-    assert experiments.same_settings(stored, experiments.Settings())
-    assert not experiments.same_settings(stored, experiments.Settings(pretrain_steps=100))
+    assert experiments.same_settings(stored, experiments.Settings(pretrain_steps=0))
+    assert experiments.Settings().pretrain_steps > 0   # today's grid starts pretrained: the old file is not today's
+    assert not experiments.same_settings(stored, experiments.Settings())
     # its runs started from scratch, whatever the default becomes; a field nobody added is not guessed
     monkeypatch.setattr(experiments, "Settings", functools.partial(experiments.Settings, pretrain_steps=100))
     assert experiments.same_settings(stored, experiments.Settings(pretrain_steps=0))
