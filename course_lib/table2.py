@@ -65,11 +65,11 @@ def _mean_se(xs: list[float]) -> tuple[float, float, int]:
 
 
 def paired_gap(records: list[dict], a: str, b: str, key: str = "mask", metric: str = "AP",
-               key_b: str | None = None) -> tuple[float, float, int]:
-    """``a - b`` seed by seed (same seed, same data order): mean, standard error and number of pairs."""
+               key_b: str | None = None, steps_factor: float = 1.0) -> tuple[float, float, int]:
+    """``a - b`` seed by seed (same seed, same data order, runs of one length): mean, standard error, pairs."""
     by = {}
     for r in records:
-        if r.get("status") == "ok" and r.get("steps_factor", 1.0) == 1.0 and r["variant"] in (a, b):
+        if r.get("status") == "ok" and r.get("steps_factor", 1.0) == steps_factor and r["variant"] in (a, b):
             by.setdefault(r["seed"], {})[r["variant"]] = r
     diffs = [p[a][key][metric] - p[b][key_b or key][metric] for p in by.values() if a in p and b in p]
     return _mean_se(diffs) if diffs else (float("nan"), float("nan"), 0)

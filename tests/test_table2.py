@@ -23,3 +23,5 @@ def test_paired_gap_and_plateau_by_hand():
     mean, se, n = table2.paired_gap(runs, "a", "b")      # seed 2 has no pair: differences 0.10, 0.06
     assert (round(mean, 6), round(se, 6), n) == (0.08, 0.02, 2)
     assert table2.plateau(runs) == {"a": (0.30, 0.31, 0)}
+    runs += [run("b", 0, 0.27, 1.5)]
+    assert [round(x, 6) for x in table2.paired_gap(runs, "a", "b", steps_factor=1.5)] == [0.04, 0.0, 1]   # 0.31 - 0.27
