@@ -162,9 +162,12 @@ def train_variant(changes: dict, seed: int, settings: Settings, steps_factor: fl
         trunk, report = pretrained_trunk(settings)
         pretrain.load_trunk(net, trunk)
     train_set, val_set = datasets(settings)
+    # The trunk's fingerprint is part of what a resume compares: a trunk pretrained again (another CPU or
+    # thread count) has other weights, and a checkpoint started from the old one must not go on as the new.
+    run_settings = {**_as_json(settings), **({"trunk": report["trunk"]} if settings.pretrain_steps else {})}
     tick = time.perf_counter()
     history = train.fit(net, train_set, config, val_dataset=val_set, device=device, progress=False, out=run_dir,
-                        resume=True, stop_at=stop_at, run_settings=_as_json(settings))
+                        resume=True, stop_at=stop_at, run_settings=run_settings)
     if settings.pretrain_steps:
         history["trunk"] = report["trunk"]   # which pretrained trunk this run started from
     return net.eval(), history, time.perf_counter() - tick, history["resumed_from"]

@@ -89,6 +89,20 @@ def test_a_run_stopped_midway_resumes_from_its_checkpoint(tmp_path):
     assert (checkpoints_dir / "v-seed0-4steps" / "last.pt").exists()  # kept, for whoever reads the error
 
 
+def test_a_checkpoint_from_another_trunk_is_not_continued(tmp_path, monkeypatch):
+    """A run stopped midway and resumed after the trunk was pretrained again (another machine) fails and names
+    the trunk, rather than going on from the old trunk's weights under the new trunk's name."""
+    settings = dataclasses.replace(TINY, pretrain_steps=1)
+    trunk = experiments.model.MaskRCNN(experiments._base(settings)).backbone.state_dict()
+    monkeypatch.setattr(experiments, "pretrained_trunk", lambda *a, **k: (trunk, {"trunk": "aaaaaaaaaaaa"}))
+    experiments.train_variant({}, 0, settings, run_dir=tmp_path / "runs" / "v-seed0-4steps", stop_at=2)
+    monkeypatch.setattr(experiments, "pretrained_trunk", lambda *a, **k: (trunk, {"trunk": "bbbbbbbbbbbb"}))
+    stale = experiments.run_grid({"v": {}}, tmp_path / "grid.json", seeds=(0,), settings=settings, progress=False,
+                                 plateau_seeds=(), checkpoints_dir=tmp_path / "runs")[0]
+    assert stale["status"] == "failed"
+    assert "run.trunk: checkpoint 'aaaaaaaaaaaa', now 'bbbbbbbbbbbb'" in stale["error"]
+
+
 def test_not_a_results_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
